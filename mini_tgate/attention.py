@@ -1,0 +1,65 @@
+"""Attention for the UNet: one class for self- and cross-attention, with the TGATE gate built in.
+
+Reimplements diffusers' `Attention` + `AttnProcessor2_0` (diffusers/models/attention_processor.py)
+as the UNet's transformer blocks use it: `to_q`, `to_k`, `to_v` without bias, `to_out.0` with
+bias, no norms inside. Key names match the checkpoint's.
+
+The gate (see tgate.py for the schedule): each module holds `gate`, a plain string set by
+`UNet2DConditionModel.set_gate` before each step, and `cache`, the output it keeps:
+
+    COMPUTE     compute the output                      (every step without TGATE)
+    CACHE       compute it and keep it
+    CACHE_MEAN  compute it and keep the mean of the two CFG halves of the batch
+    REUSE       return the kept output, computing nothing
+
+The gate is a Python value, not a tensor, so a compiled UNet sees it as a constant: one graph
+per distinct (cross, self, batch) combination, never one per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tgate import CACHE, CACHE_MEAN, COMPUTE, REUSE
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 upcast: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        self.upcast = upcast  # SD-2.1's `upcast_attention`: scores in float32 when running in half
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.gate = COMPUTE
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gate == REUSE:
+            return self.cache
+        out = self.attend(x, x if context is None else context)
+        if self.gate == CACHE:
+            self.cache = out
+        elif self.gate == CACHE_MEAN:
+            uncond, cond = out.chunk(2)  # the batch is [unconditional, conditional]
+            self.cache = (uncond + cond) / 2
+        return out
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
+        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        dtype = q.dtype
+        if self.upcast and dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        # softmax(q @ k^T / sqrt(head_dim)) @ v, fused
+        y = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)                 # (B, T, heads * head_dim)
+        return self.to_out[0](y)

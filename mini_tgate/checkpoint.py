@@ -1,0 +1,196 @@
+"""Checkpoint I/O: find a diffusers-format checkpoint, read its configs and safetensors, load strictly.
+
+A source is a local folder or a hub repo id ("org/name"). A diffusers checkpoint is a folder
+with `model_index.json` and one sub-folder per component, each holding `config.json` and
+`diffusion_pytorch_model.safetensors` (UNet, VAE) or `model.safetensors` (text encoders),
+optionally as a variant (`*.fp16.safetensors`) or in shards listed by
+`*.safetensors.index.json`.
+
+Models are built on the meta device (no memory), then each tensor is read from the file,
+cast to the requested dtype and device one at a time, and put in place with
+`load_state_dict(assign=True)`: weights are never allocated twice. Loading is strict: any
+missing, unexpected or mis-shaped key is an error that names the file and the keys.
+Pickle-based files (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found, read or loaded; the message says which file and why."""
+
+
+# Legacy key names met in real checkpoints, mapped to the current ones at load time (each
+# applies only to a key the model does not have, and only if the renamed key is one it has):
+# - VAE mid-block attention saved before diffusers 0.14 used `query/key/value/proj_attn`.
+LEGACY_RENAMES = [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+                  (".proj_attn.", ".to_out.0.")]
+# - Text encoders saved before transformers 4.31 carry the `position_ids` buffer (0..76),
+#   which is recomputed here rather than stored.
+LEGACY_DROPPED = ("text_model.embeddings.position_ids",)
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5", ".onnx")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+# ----------------------------------------------------------------------------- finding files
+
+def is_repo_id(source: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", source)) and not source.startswith((".", "/"))
+
+
+def hub_patterns(variant: str | None) -> list[str]:
+    """What a pipeline needs from a hub repo: configs, tokenizer files, one variant's safetensors."""
+    configs = ["model_index.json", "*/config.json", "*/scheduler_config.json",
+               "*/vocab.json", "*/merges.txt", "*/tokenizer.json",
+               "*/tokenizer_config.json", "*/special_tokens_map.json"]
+    if variant:
+        weights = [f"*/*.{variant}.safetensors", f"*/*.safetensors.index.{variant}.json"]
+    else:  # `?` keeps `*.fp16.safetensors` shards out: shards end in -NNNNN-of-NNNNN
+        weights = [f"*/{s}.safetensors" for s in WEIGHT_STEMS] + \
+                  ["*/*-of-?????.safetensors", "*/*.safetensors.index.json"]
+    return configs + weights
+
+
+def resolve(source: str | os.PathLike, variant: str | None = None,
+            local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local folder as is, or a hub repo id downloaded (or found in the cache) as a folder."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not is_repo_id(str(source)):
+        raise CheckpointError(f"{source}: no such folder (and not a hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=hub_patterns(variant),
+                                      local_files_only=offline, cache_dir=cache_dir))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"{source}: not in the local hub cache and downloading is off "
+                              "(local_files_only or HF_HUB_OFFLINE)") from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: could not be fetched from the hub: {e}") from e
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) holding a component's weights: whole, by variant, or sharded."""
+    for v in ([variant, None] if variant else [None]):
+        for stem in WEIGHT_STEMS:
+            single = folder / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
+            index = folder / (f"{stem}.safetensors.index.{v}.json" if v else f"{stem}.safetensors.index.json")
+            if single.is_file() or index.is_file():
+                if v != variant:
+                    warnings.warn(f"{folder}: no {variant!r} variant, loading {single.name}")
+                if single.is_file():
+                    return [single]
+                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+                if not shards:
+                    raise CheckpointError(f"{index}: no weight_map")
+                return [folder / s for s in shards]
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{folder}: only pickle-based weights ({', '.join(pickles)}); they are "
+                              "refused because unpickling can execute arbitrary code. Convert them to "
+                              ".safetensors (e.g. with diffusers: load, then save_pretrained).")
+    raise CheckpointError(f"{folder}: no .safetensors weights found")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def read_tensors(files: list[Path], dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, floating ones cast to dtype, each moved as it is read."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed by the shard index)")
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for k in sf.keys():
+                    t = sf.get_tensor(k)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    state[k] = t.to(device)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    return state
+
+
+def fix_legacy_keys(state: dict, expected: set) -> dict:
+    out = {}
+    for k, v in state.items():
+        if k in LEGACY_DROPPED and k not in expected:
+            continue
+        if k not in expected:
+            new = k
+            for old, repl in LEGACY_RENAMES:
+                new = new.replace(old, repl)
+            if new in expected:
+                k = new
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") -> nn.Module:
+    """Strictly fill a (meta-device) model with the tensors of `files`."""
+    state = read_tensors(files, dtype, device)
+    expected = model.state_dict()
+    state = fix_legacy_keys(state, set(expected))
+    where = files[0] if len(files) == 1 else files[0].parent
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                       ("shape mismatches", mismatched)):
+        if keys:
+            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+            problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{where} does not match {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+class PretrainedMixin:
+    """`from_pretrained` for the model classes: each sets `config_class` and takes a config."""
+
+    config_class: type
+
+    @classmethod
+    def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = torch.float32,
+                        device="cpu", variant: str | None = None, local_files_only: bool = False,
+                        cache_dir=None):
+        folder = resolve(source, variant, local_files_only, cache_dir)
+        if subfolder:
+            folder = folder / subfolder
+            if not folder.is_dir():
+                raise CheckpointError(f"{folder}: missing component folder")
+        config = cls.config_class.from_dict(read_json(folder / "config.json"))
+        with torch.device("meta"):
+            model = cls(config)
+        return load_weights(model, weight_files(folder, variant), dtype, device)
