@@ -40,6 +40,7 @@ LEGACY_DROPPED = ("text_model.embeddings.position_ids",)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5", ".onnx")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -49,16 +50,15 @@ def is_repo_id(source: str) -> bool:
 
 
 def hub_patterns(variant: str | None) -> list[str]:
-    """What a pipeline needs from a hub repo: configs, tokenizer files, one variant's safetensors."""
-    configs = ["model_index.json", "*/config.json", "*/scheduler_config.json",
-               "*/vocab.json", "*/merges.txt", "*/tokenizer.json",
-               "*/tokenizer_config.json", "*/special_tokens_map.json"]
+    """What a pipeline needs from a hub repo: configs, tokenizer files, one variant's safetensors
+    of the components it uses (not the safety checker, not single-file or pickle checkpoints)."""
+    configs = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"]
     if variant:
-        weights = [f"*/*.{variant}.safetensors", f"*/*.safetensors.index.{variant}.json"]
+        weights = [f"*.{variant}.safetensors", f"*.safetensors.index.{variant}.json"]
     else:  # `?` keeps `*.fp16.safetensors` shards out: shards end in -NNNNN-of-NNNNN
-        weights = [f"*/{s}.safetensors" for s in WEIGHT_STEMS] + \
-                  ["*/*-of-?????.safetensors", "*/*.safetensors.index.json"]
-    return configs + weights
+        weights = [f"{s}.safetensors" for s in WEIGHT_STEMS] + ["*-of-?????.safetensors", "*.safetensors.index.json"]
+    return ["model_index.json"] + [f"{c}/{f}" for c in COMPONENTS for f in configs + weights]
 
 
 def resolve(source: str | os.PathLike, variant: str | None = None,
