@@ -2,3 +2,9 @@
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .macs import count_macs
+from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
+                         scheduler_from_config)
+from .tgate import TGate
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL

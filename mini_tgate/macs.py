@@ -1,0 +1,111 @@
+"""Counting the UNet's multiply-accumulates (MACs) over a whole generation, TGATE included.
+
+The project's own UNet is built on the meta device (no memory, no arithmetic) and run through
+the TGATE plan step by step, exactly as the pipeline runs it: what the gate skips is simply
+never called. Forward hooks count:
+
+- `unet_macs`: every Linear and Conv2d MAC, the convention of Calflops and of the paper's
+  Tables 2 and 3 (attention-score and attention-value products inside scaled-dot-product
+  attention are not counted there);
+- `unet_macs_with_attention`: the same plus those two products (2 * B * heads * T * S * head_dim
+  for each attention computed).
+
+Only the UNet is counted (the text encoders and the VAE run once per image, as in the paper).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .config import UNetConfig
+from .tgate import REUSE, TGate, plan
+from .unet import UNet2DConditionModel
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def unet_config(arch: str | dict | UNetConfig) -> UNetConfig:
+    """A bundled preset name (sd15, sd21, sdxl, lcm-sdxl), a path to a UNet config.json, or a config."""
+    if isinstance(arch, UNetConfig):
+        return arch
+    if isinstance(arch, dict):
+        return UNetConfig.from_dict(arch)
+    path = PRESETS / f"{arch}.json"
+    if not path.is_file():
+        path = Path(arch)
+        if path.is_dir():
+            path = path / "config.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in PRESETS.glob("*.json"))
+        raise ValueError(f"--arch {arch!r}: neither a preset ({', '.join(names)}) nor a UNet config.json")
+    return UNetConfig.from_dict(json.loads(path.read_text()))
+
+
+def count_macs(arch="sd15", height: int | None = None, width: int | None = None, steps: int = 25,
+               guidance_scale: float = 7.5, tgate: TGate | None = None, batch_size: int = 1,
+               text_len: int = 77) -> dict:
+    """MACs of the UNet over one generation of `batch_size` images (see the module docstring)."""
+    cfg = unet_config(arch)
+    height = height or cfg.sample_size * 8
+    width = width or cfg.sample_size * 8
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    # CFG doubles the batch, unless the model folds guidance into an embedding (LCM)
+    use_cfg = guidance_scale > 1 and cfg.time_cond_proj_dim is None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(cfg)
+
+    counts = {"linear_conv": 0, "attention": 0}
+
+    def count_layer(module, inputs, out):
+        if isinstance(module, nn.Linear):
+            counts["linear_conv"] += out.numel() * module.in_features
+        else:
+            kh, kw = module.kernel_size
+            counts["linear_conv"] += out.numel() * module.in_channels // module.groups * kh * kw
+
+    def count_attention(module, inputs, out):
+        if module.gate != REUSE:
+            x = inputs[0]
+            s = inputs[1].shape[1] if len(inputs) > 1 and inputs[1] is not None else x.shape[1]
+            counts["attention"] += 2 * x.shape[0] * x.shape[1] * s * module.to_q.out_features
+
+    for m in unet.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.register_forward_hook(count_layer)
+        elif isinstance(m, Attention):
+            m.register_forward_hook(count_attention)
+
+    def run(step):  # the MACs of one UNet call under this step's gate
+        b = batch_size * (2 if step.cfg else 1)
+        kw = {}
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kw["added_cond_kwargs"] = {"text_embeds": torch.empty(b, pooled), "time_ids": torch.empty(b, 6)}
+        if cfg.time_cond_proj_dim:
+            kw["timestep_cond"] = torch.empty(b, cfg.time_cond_proj_dim)
+        before = dict(counts)
+        unet.set_gate(step)
+        unet(torch.empty(b, cfg.in_channels, height // 8, width // 8), torch.empty(b),
+             torch.empty(b, text_len, cfg.per_block(cfg.cross_attention_dim)[0]), **kw)
+        return {k: counts[k] - before[k] for k in counts}
+
+    # Steps with the same gate cost the same: each distinct one is run once (meta device), in order.
+    per_plan, per_step = {}, []
+    with torch.device("meta"):
+        for step in plan(tgate, steps, use_cfg):
+            if step not in per_plan:
+                per_plan[step] = run(step)
+            per_step.append(per_plan[step])
+    total = {k: sum(s[k] for s in per_step) for k in counts}
+    return {"unet_macs": total["linear_conv"],
+            "unet_macs_with_attention": total["linear_conv"] + total["attention"],
+            "per_step": [s["linear_conv"] for s in per_step], "height": height, "width": width,
+            "steps": steps, "cfg": use_cfg, "tgate": None if tgate is None else vars(tgate)}
