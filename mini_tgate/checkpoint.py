@@ -37,6 +37,9 @@ LEGACY_RENAMES = [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v
 # - Text encoders saved before transformers 4.31 carry the `position_ids` buffer (0..76),
 #   which is recomputed here rather than stored.
 LEGACY_DROPPED = ("text_model.embeddings.position_ids",)
+# - transformers 5 saves `CLIPTextModel` without the `text_model.` prefix that real checkpoints
+#   (and `CLIPTextModelWithProjection`) have; such keys get the prefix back.
+MISSING_PREFIX = "text_model."
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5", ".onnx")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -144,6 +147,8 @@ def fix_legacy_keys(state: dict, expected: set) -> dict:
     for k, v in state.items():
         if k in LEGACY_DROPPED and k not in expected:
             continue
+        if k not in expected and MISSING_PREFIX + k in expected:
+            k = MISSING_PREFIX + k
         if k not in expected:
             new = k
             for old, repl in LEGACY_RENAMES:

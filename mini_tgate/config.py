@@ -38,7 +38,7 @@ class CLIPTextConfig(_FromDict):
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
-    projection_dim: int = 768  # width of text_projection (CLIPTextModelWithProjection only)
+    projection_dim: int = 512  # width of text_projection (CLIPTextModelWithProjection only)
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     max_position_embeddings: int = 77
