@@ -1,11 +1,14 @@
 """mini_tgate: minimal Stable Diffusion inference with TGATE temporal attention gating."""
 
+__version__ = "0.1.0"
+
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .macs import count_macs
 from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                          scheduler_from_config)
 from .text_encoder import CLIPTextModel, CLIPTextOutput
+from .pipeline import load_pipeline, PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline
 from .tgate import TGate
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
