@@ -1,0 +1,241 @@
+"""Benchmark: mini_tgate vs diffusers vs diffusers + the `tgate` package, on the same random-weight
+model, device, steps and initial noise. Prints a markdown table.
+
+    python examples/benchmark.py                          # SD-1.5 topology, narrow, 256 px, CPU
+    python examples/benchmark.py --model sd15 --size 256  # the full SD-1.5 architecture
+    python examples/benchmark.py --device cuda --dtype float16 --model sd15 --size 512 --compile
+
+Needs the test extra (diffusers, transformers, tgate). Latency is the median of `--repeats`
+runs, the libraries alternating run by run so that machine noise hits all alike. Load time
+and the peak memory while loading are measured in a fresh process per library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import mini_tgate  # noqa: E402
+from mini_tgate.macs import count_macs  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def build_checkpoint(folder: Path, model: str) -> Path:
+    """A random-weight SD-1.5-topology checkpoint in diffusers layout: the real UNet config
+    ("sd15") or the same topology with 1/5 of the channels ("small")."""
+    import warnings
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tiny_models import SD_SCHEDULER, perturb, text_encoder, tokenizer
+
+    if (folder / "model_index.json").exists():
+        return folder
+    config = json.loads((ROOT / "mini_tgate" / "presets" / "sd15.json").read_text())
+    if model == "small":
+        config.update(block_out_channels=[64, 128, 256, 256], attention_head_dim=8, cross_attention_dim=256)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    vae = AutoencoderKL(block_out_channels=(64, 128, 256, 256) if model == "small" else (128, 256, 512, 512),
+                        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
+    te = text_encoder(config["cross_attention_dim"], "quick_gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionPipeline(unet=unet, vae=perturb(vae, 0), text_encoder=te, tokenizer=tokenizer(),
+                                scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+
+
+LOAD_SNIPPET = """
+import json, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+lib, folder, device, dtype = sys.argv[1], sys.argv[2], sys.argv[3], getattr(torch, sys.argv[4])
+if lib == "mini_tgate":
+    import mini_tgate
+    load = lambda: mini_tgate.load_pipeline(folder, device=device, dtype=dtype)
+else:
+    import diffusers
+    load = lambda: diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+# torch's one-time start-up costs (first kernel, the meta-device machinery: ~70 MiB) are not loading
+float(torch.randn(64, 64).sum())
+with torch.device("meta"):
+    torch.nn.Embedding(2, 2)
+before = rss()
+t = time.perf_counter()
+pipe = load()
+seconds = time.perf_counter() - t
+# touch every weight, so that lazily mapped files count as they will once generation runs
+modules = [getattr(pipe, n) for n in ("unet", "vae", "text_encoder")]
+total = sum(float(p.sum()) for m in modules for p in m.parameters())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"seconds": seconds, "peak_rss_increase": peak - before}}))
+"""
+
+
+def measure_load(lib: str, folder: Path, device: str, dtype: str) -> dict:
+    """Load time and peak RSS increase while loading, in a fresh process (median of 3)."""
+    runs = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET.format(root=str(ROOT)), lib, str(folder), device,
+                              dtype], capture_output=True, text=True, check=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or on CPU the process RSS sampled every ms."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def rss(self) -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self.base = self.peak = self.rss()
+        self.running = True
+
+        def sample():
+            while self.running:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(0.001)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = self.peak - self.base
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["small", "sd15"], default="small")
+    p.add_argument("--size", type=int, default=256, help="image height and width in pixels")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--gate", default="10,5,1,2", help="gate_step,sp_interval,fi_interval,warm_up")
+    p.add_argument("--compile", action="store_true", help="also time mini_tgate with pipe.compile()")
+    p.add_argument("--cache", default=None, help="folder to keep the generated checkpoint in")
+    args = p.parse_args()
+
+    import diffusers
+    from tgate import TgateSDLoader
+
+    folder = Path(args.cache or tempfile.mkdtemp()) / f"bench-{args.model}"
+    build_checkpoint(folder, args.model)
+    dtype = getattr(torch, args.dtype)
+    gate = mini_tgate.TGate(*map(int, args.gate.split(",")))
+    gate_kw = dict(gate_step=gate.gate_step, sp_interval=gate.sp_interval, fi_interval=gate.fi_interval,
+                   warm_up=gate.warm_up)
+
+    ours = mini_tgate.load_pipeline(folder, device=args.device, dtype=dtype)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(args.device)
+    ref.set_progress_bar_config(disable=True)
+    ref_tgate = TgateSDLoader(diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+                              .to(args.device))
+    ref_tgate.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
+              latents=latents.to(args.device, dtype))
+
+    runs = {
+        "diffusers": lambda: ref(PROMPT, output_type="np", **kw).images,
+        "diffusers + tgate": lambda: ref_tgate.tgate(PROMPT, output_type="np", **kw, **gate_kw).images,
+        "mini_tgate": lambda: ours(PROMPT, **kw).images,
+        "mini_tgate + TGATE": lambda: ours(PROMPT, tgate=gate, **kw).images,
+    }
+    if args.compile:
+        compiled = mini_tgate.load_pipeline(folder, device=args.device, dtype=dtype)
+        compiled.compile()
+        runs["mini_tgate compiled"] = lambda: compiled(PROMPT, **kw).images
+        runs["mini_tgate compiled + TGATE"] = lambda: compiled(PROMPT, tgate=gate, **kw).images
+
+    times = {name: [] for name in runs}
+    memory, images = {}, {}
+    for name, run in runs.items():  # warm-up (and compilation), memory, and the outputs to compare
+        with PeakMemory(args.device) as m:
+            images[name] = run()
+        memory[name] = m.bytes
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            run()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+
+    unet_config = ours.unet.config
+    base_macs = count_macs(unet_config, args.size, args.size, args.steps, 7.5)["unet_macs"]
+    gate_macs = count_macs(unet_config, args.size, args.size, args.steps, 7.5, gate)["unet_macs"]
+    loads = {"mini_tgate": measure_load("mini_tgate", folder, args.device, args.dtype),
+             "diffusers": measure_load("diffusers", folder, args.device, args.dtype)}
+    wb = weight_bytes(folder)
+
+    base_of = {"diffusers + tgate": "diffusers", "mini_tgate + TGATE": "mini_tgate",
+               "mini_tgate compiled + TGATE": "mini_tgate compiled"}
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{args.model} ({sum(p.numel() for p in ours.unet.parameters()) / 1e6:.0f}M-parameter UNet), "
+          f"{args.size}x{args.size}, {args.steps} steps, CFG 7.5, {args.device} {args.dtype}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), {time.strftime('%Y-%m-%d')}; "
+          f"TGATE {gate_kw}; median of {args.repeats}\n")
+    print("| run | latency / image | vs diffusers | TGATE speed-up | MAC-predicted | peak memory | "
+          "max diff vs diffusers(+tgate) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in runs:
+        gated = name in base_of
+        ref_name = "diffusers + tgate" if gated else "diffusers"
+        speedup = f"{median[base_of[name]] / median[name]:.2f}x" if gated else ""
+        predicted = f"{base_macs / gate_macs:.2f}x" if gated else ""
+        diff = abs(images[name] - images[ref_name]).max()
+        print(f"| {name} | {median[name]:.3f} s | {median[name] / median[ref_name]:.2f}x | {speedup} | {predicted} | "
+              f"{memory[name] / 2**20:.0f} MiB | {diff:.1e} |")
+    print(f"\nLoading ({wb / 2**20:.0f} MiB of safetensors, fresh process, median of 3):\n")
+    print("| library | load time | peak RSS increase | / weight bytes |")
+    print("|---|---|---|---|")
+    for name, r in loads.items():
+        print(f"| {name} | {r['seconds']:.2f} s | {r['peak_rss_increase'] / 2**20:.0f} MiB | "
+              f"{r['peak_rss_increase'] / wb:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
