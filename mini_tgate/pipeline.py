@@ -182,8 +182,8 @@ class StableDiffusionPipeline:
         extra = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
         report = []
         start = time.perf_counter()
+        bar = progress_bar(len(timesteps), progress)
         try:
-            bar = progress_bar(len(timesteps), progress)
             for i, (t, step) in enumerate(zip(timesteps, steps)):
                 self.unet.set_gate(step)
                 x, kw = (torch.cat([latents, latents]), doubled) if step.cfg else (latents, single)
