@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, save_pipeline
 from .config import ConfigError
 from .macs import count_macs
 from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,

@@ -11,6 +11,10 @@ cast to the requested dtype and device one at a time, and put in place with
 `load_state_dict(assign=True)`: weights are never allocated twice. Loading is strict: any
 missing, unexpected or mis-shaped key is an error that names the file and the keys.
 Pickle-based files (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: unpickling runs code.
+
+Saving writes the same layout back (`model.save_pretrained(folder)`, `save_pipeline(pipe,
+folder)`), under the class names diffusers and transformers use, so that their
+`from_pretrained` read the folder too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .config import CLIPTextConfig
 
 
 class CheckpointError(Exception):
@@ -52,20 +58,22 @@ def is_repo_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", source)) and not source.startswith((".", "/"))
 
 
-def hub_patterns(variant: str | None) -> list[str]:
+def hub_patterns(variant: str | None, folders=COMPONENTS) -> list[str]:
     """What a pipeline needs from a hub repo: configs, tokenizer files, one variant's safetensors
-    of the components it uses (not the safety checker, not single-file or pickle checkpoints)."""
+    of the components it uses (not the safety checker, not single-file or pickle checkpoints).
+    `folders` narrows it to some components; "" is the repo's top level (a repo holding one
+    model, such as latent-consistency/lcm-sdxl's UNet)."""
     configs = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json"]
     if variant:
         weights = [f"*.{variant}.safetensors", f"*.safetensors.index.{variant}.json"]
     else:  # `?` keeps `*.fp16.safetensors` shards out: shards end in -NNNNN-of-NNNNN
         weights = [f"{s}.safetensors" for s in WEIGHT_STEMS] + ["*-of-?????.safetensors", "*.safetensors.index.json"]
-    return ["model_index.json"] + [f"{c}/{f}" for c in COMPONENTS for f in configs + weights]
+    return ["model_index.json"] + [f"{c}/{f}" if c else f for c in folders for f in configs + weights]
 
 
-def resolve(source: str | os.PathLike, variant: str | None = None,
-            local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve(source: str | os.PathLike, variant: str | None = None, local_files_only: bool = False,
+            cache_dir: str | os.PathLike | None = None, folders=COMPONENTS) -> Path:
     """A local folder as is, or a hub repo id downloaded (or found in the cache) as a folder."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -77,7 +85,7 @@ def resolve(source: str | os.PathLike, variant: str | None = None,
 
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return Path(snapshot_download(str(source), allow_patterns=hub_patterns(variant),
+        return Path(snapshot_download(str(source), allow_patterns=hub_patterns(variant, folders),
                                       local_files_only=offline, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:
         raise CheckpointError(f"{source}: not in the local hub cache and downloading is off "
@@ -129,16 +137,14 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None, device) -> dict[s
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (listed by the shard index)")
         try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for k in sf.keys():
-                    t = sf.get_tensor(k)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    state[k] = t.to(device)
-        except CheckpointError:
-            raise
+            sf = safe_open(f, framework="pt", device="cpu")  # reads the header, checks it covers the file
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+        for k in sf.keys():
+            t = sf.get_tensor(k)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            state[k] = t.to(device)  # a bad device fails here with torch's own error, not as a bad file
     return state
 
 
@@ -182,7 +188,8 @@ def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") 
 
 
 class PretrainedMixin:
-    """`from_pretrained` for the model classes: each sets `config_class` and takes a config."""
+    """`from_pretrained` and `save_pretrained` for the model classes: each sets `config_class`
+    and takes a config."""
 
     config_class: type
 
@@ -190,7 +197,7 @@ class PretrainedMixin:
     def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = torch.float32,
                         device="cpu", variant: str | None = None, local_files_only: bool = False,
                         cache_dir=None):
-        folder = resolve(source, variant, local_files_only, cache_dir)
+        folder = resolve(source, variant, local_files_only, cache_dir, folders=[subfolder or ""])
         if subfolder:
             folder = folder / subfolder
             if not folder.is_dir():
@@ -199,3 +206,60 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls(config)
         return load_weights(model, weight_files(folder, variant), dtype, device)
+
+    def saved_names(self) -> tuple[str, str]:
+        """(class name, weights file name) as diffusers / transformers save this model."""
+        if isinstance(self.config, CLIPTextConfig):  # a text encoder: transformers' names
+            return ("CLIPTextModelWithProjection" if self.config.with_projection else "CLIPTextModel",
+                    "model.safetensors")
+        return type(self).__name__, "diffusion_pytorch_model.safetensors"  # UNet2DConditionModel, AutoencoderKL
+
+    def save_pretrained(self, folder) -> None:
+        """Write `config.json` and the weights as safetensors, the layout `from_pretrained` reads
+        (and diffusers' or transformers' `from_pretrained`), in the model's current dtype."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name, weights = self.saved_names()
+        config = {"_class_name": name, **self.config.to_dict()}
+        if weights == "model.safetensors":  # transformers finds the class through these two
+            config.update(architectures=[name], model_type="clip_text_model")
+        write_json(folder / "config.json", config)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, folder / weights, metadata={"format": "pt"})  # transformers checks "format"
+
+
+# ----------------------------------------------------------------------------- saving a pipeline
+
+def write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_pipeline(pipe, folder) -> None:
+    """Write a pipeline as a complete diffusers folder: `model_index.json` naming each
+    component's library and class, then one sub-folder per component. diffusers'
+    `DiffusionPipeline.from_pretrained(folder)` and `load_pipeline(folder)` both read it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sdxl = hasattr(pipe, "text_encoder_2")
+    index = {"_class_name": type(pipe).__name__,  # StableDiffusionPipeline / StableDiffusionXLPipeline
+             "feature_extractor": [None, None], "image_encoder": [None, None]}  # components not saved
+    if sdxl:
+        index["force_zeros_for_empty_prompt"] = pipe.force_zeros_for_empty_prompt
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
+    models = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if sdxl else [])
+    for name in models:
+        model = getattr(pipe, name)
+        model.save_pretrained(folder / name)
+        library = "transformers" if name.startswith("text_encoder") else "diffusers"
+        index[name] = [library, model.saved_names()[0]]
+    for name in ["tokenizer"] + (["tokenizer_2"] if sdxl else []):
+        getattr(pipe, name).save_pretrained(folder / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    write_json(folder / "scheduler" / "scheduler_config.json", config)
+    index["scheduler"] = ["diffusers", config["_class_name"]]
+    write_json(folder / "model_index.json", index)

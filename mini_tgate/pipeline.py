@@ -116,8 +116,9 @@ class StableDiffusionPipeline:
     def check_inputs(self, prompts, negatives, steps, guidance_scale, height, width, num_images_per_prompt,
                      output_type):
         f = self.vae_scale_factor
-        if height % f or width % f or height < f or width < f:
-            raise ValueError(f"height and width must be positive multiples of {f}, got {height}x{width}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (height, width)) \
+                or height % f or width % f or height < f or width < f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got {height!r}x{width!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):

@@ -31,7 +31,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .checkpoint import CheckpointError, read_json, resolve
+from .checkpoint import CheckpointError, read_json, resolve, write_json
 
 # OpenAI's word pattern: the two special tokens, contractions, runs of letters, one digit at a
 # time, runs of anything else that is not a space.
@@ -127,6 +127,24 @@ class CLIPTokenizer:
         added += [t for t in specials.values() if t.content not in {a.content for a in added}]
         return cls(vocab, merges, added_tokens=added, model_max_length=int(config.get("model_max_length", 77)),
                    **{k: t.content for k, t in specials.items()})
+
+    def save_pretrained(self, folder) -> None:
+        """Write `vocab.json`, `merges.txt`, `special_tokens_map.json` and `tokenizer_config.json`,
+        the files SD checkpoints ship and transformers' CLIPTokenizer reads."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.model.save(str(folder))  # vocab.json and merges.txt
+        names = {"bos_token": self.tokenizer.id_to_token(self.bos_token_id),
+                 "eos_token": self.tokenizer.id_to_token(self.eos_token_id),
+                 "pad_token": self.tokenizer.id_to_token(self.pad_token_id),
+                 "unk_token": self.tokenizer.model.unk_token}
+        added = {str(i): {"content": t.content, "single_word": t.single_word, "lstrip": t.lstrip,
+                          "rstrip": t.rstrip, "normalized": t.normalized, "special": t.special}
+                 for i, t in sorted(self.tokenizer.get_added_tokens_decoder().items())}
+        write_json(folder / "special_tokens_map.json", names)
+        write_json(folder / "tokenizer_config.json", {
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
+            "added_tokens_decoder": added, **names})
 
     def encode(self, prompts: str | list[str]) -> list[list[int]]:
         """The ids of each prompt's text, without BOS/EOS and not truncated."""
