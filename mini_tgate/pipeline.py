@@ -92,6 +92,17 @@ class StableDiffusionPipeline:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def compile(self, mode: str | None = None) -> "StableDiffusionPipeline":
+        """torch.compile the hot path in place: the UNet (fullgraph, channels_last) and the VAE
+        decoder. The gate is a Python string per attention module, so a TGATE run compiles one
+        graph per distinct (step plan, batch) pair, at most five for 25 steps of TGate(10, 5, 1, 2),
+        and none again on later calls (tests/test_compile.py counts them). `mode` is passed on
+        (e.g. "max-autotune"); CUDA graphs ("reduce-overhead") are not verified here."""
+        self.unet.to(memory_format=torch.channels_last)
+        self.unet.compile(fullgraph=True, dynamic=False, mode=mode)
+        self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)
+        return self
+
     # ----------------------------------------------------------------------------- prompts
 
     def tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
