@@ -90,7 +90,8 @@ seconds = time.perf_counter() - t
 # touch every weight, so that lazily mapped files count as they will once generation runs
 modules = [getattr(pipe, n) for n in ("unet", "vae", "text_encoder")]
 total = sum(float(p.sum()) for m in modules for p in m.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over from fork + exec)
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({{"seconds": seconds, "peak_rss_increase": peak - before}}))
 """
 
