@@ -13,7 +13,10 @@ The gate (see tgate.py for the schedule): each module holds `gate`, a plain stri
     REUSE       return the kept output, computing nothing
 
 The gate is a Python value, not a tensor, so a compiled UNet sees it as a constant: one graph
-per distinct (cross, self, batch) combination, never one per step.
+per distinct (cross, self, batch) combination, never one per step. Under torch.compile,
+`self.cache = out` is a side effect that dynamo replays after the graph has run (the tensor is one
+more output of the graph), and REUSE reads the cache as a graph input, guarded on its shape and
+strides but not its identity: a new cache tensor every few steps recompiles nothing.
 """
 
 from __future__ import annotations

@@ -95,9 +95,17 @@ class StableDiffusionPipeline:
     def compile(self, mode: str | None = None) -> "StableDiffusionPipeline":
         """torch.compile the hot path in place: the UNet (fullgraph, channels_last) and the VAE
         decoder. The gate is a Python string per attention module, so a TGATE run compiles one
-        graph per distinct (step plan, batch) pair, at most five for 25 steps of TGate(10, 5, 1, 2),
-        and none again on later calls (tests/test_compile.py counts them). `mode` is passed on
-        (e.g. "max-autotune"); CUDA graphs ("reduce-overhead") are not verified here."""
+        graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2), and
+        none again on later calls (tests/test_compile.py counts them).
+
+        CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: a replay may overwrite
+        the outputs of the previous one, and the attention caches are such outputs."""
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode={mode!r} uses CUDA graphs, which would overwrite the TGATE caches; "
+                             "use None or 'max-autotune-no-cudagraphs'")
+        # one graph per (step plan, shape): dynamo's default limit of 8 per function would make a
+        # second image size a hard error under fullgraph
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.unet.to(memory_format=torch.channels_last)
         self.unet.compile(fullgraph=True, dynamic=False, mode=mode)
         self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)

@@ -286,6 +286,8 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
                 added_cond_kwargs: dict | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         B = sample.shape[0]
+        # Compiled, give the timestep as a tensor (the scheduler's): a Python number is a
+        # constant baked into the graph, so every step would compile a new one.
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t.reshape(B)
 

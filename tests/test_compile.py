@@ -96,9 +96,9 @@ def denoise(unet, steps, inputs, eager=None) -> float:
     return worst
 
 
-# SD-1 through inductor, as the pipeline compiles it; SDXL, its extra embedding and deeper blocks,
-# through AOTAutograd alone (the same graphs, guards and side effects, without inductor's 20 s a graph)
-@pytest.mark.parametrize("name,backend", [("sd1", "inductor"), ("sdxl", "aot_eager")])
+# SD-1 through inductor, as the pipeline compiles it; SDXL (its extra embedding, deeper blocks)
+# through dynamo alone: the same graphs and guards, without inductor's 15-30 s a graph
+@pytest.mark.parametrize("name,backend", [("sd1", "inductor"), ("sdxl", "eager")])
 def test_tgate_run_compiles_one_graph_per_phase(name, backend):
     eager = small_unet(name)
     unet = copy.deepcopy(eager).to(memory_format=torch.channels_last)
@@ -130,7 +130,7 @@ def test_tgate_run_compiles_one_graph_per_phase(name, backend):
     assert err <= TOL, err
 
 
-def test_vae_decode_compiles_to_one_graph():
+def test_vae_decoder_compiles_one_graph_per_batch_size():
     g = torch.Generator().manual_seed(0)
     levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
     eager = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
@@ -147,7 +147,7 @@ def test_vae_decode_compiles_to_one_graph():
         got, expected = vae.decode(z), eager.decode(z)
         vae.use_slicing = True  # one image at a time: batch 1, a second graph
         sliced = vae.decode(z + 1)
-        vae.decode(z - 1)
+        vae.decode(z - 1)  # a new input of a compiled shape: nothing to compile
         expected_sliced = eager.decode(z + 1)
     assert graphs() == 2
     assert (got - expected).abs().max() / expected.abs().max() <= TOL
