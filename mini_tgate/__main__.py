@@ -69,7 +69,7 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
         p.add_argument("prompt", nargs="*", default=[prompt], help=f"one or more prompts (default: {prompt!r})")
     p.add_argument("--negative", action="append", help="negative prompt; repeat it to give one per prompt")
     p.add_argument("--model", default=str(model),
-                   help="a diffusers folder or a hub repo id (default: weights/tiny-random, random weights)")
+                   help=f"a diffusers folder or a hub repo id (default: weights/{Path(model).name})")
     p.add_argument("--variant", help="read *.VARIANT.safetensors, e.g. fp16")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on the CPU")
     p.add_argument("--device", help="default: cuda when available, else cpu")

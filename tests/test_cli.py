@@ -116,7 +116,8 @@ def test_sample_py_with_no_arguments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "25/25" in r.stderr and "saved out/00000.png" in r.stdout
     params = json.loads(read_png_text(tmp_path / "out" / "00000.png")["mini_tgate"])
-    assert params["steps"] == 25 and params["model"] == str(DEFAULT) and params["prompt"]
+    assert params["steps"] == 25 and params["model"] == str(ROOT / "weights" / "tiny-shapes")
+    assert params["prompt"] == "a red circle on a blue background"
 
 
 # ----------------------------------------------------------------------------- bad input
