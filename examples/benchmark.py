@@ -107,6 +107,28 @@ def measure_load(lib: str, folder: Path, device: str, dtype: str) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
+def time_decode(vae, device: str) -> list[float]:
+    """Wrap `vae.decode` so that each call's seconds are recorded: the latency minus the decode is
+    the denoising loop (plus milliseconds of text encoding), the part the MACs of TGATE apply to."""
+    decode, seconds = vae.decode, []
+
+    def timed(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = decode(*args, **kwargs)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    vae.decode = timed
+    return seconds
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA allocator peak, or on CPU the process RSS sampled every ms."""
 
@@ -176,6 +198,7 @@ def main():
     kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
               latents=latents.to(args.device, dtype))
 
+    pipes = {"diffusers": ref, "diffusers + tgate": ref_tgate, "mini_tgate": ours, "mini_tgate + TGATE": ours}
     runs = {
         "diffusers": lambda: ref(PROMPT, output_type="np", **kw).images,
         "diffusers + tgate": lambda: ref_tgate.tgate(PROMPT, output_type="np", **kw, **gate_kw).images,
@@ -187,8 +210,11 @@ def main():
         compiled.compile()
         runs["mini_tgate compiled"] = lambda: compiled(PROMPT, **kw).images
         runs["mini_tgate compiled + TGATE"] = lambda: compiled(PROMPT, tgate=gate, **kw).images
+        pipes.update({"mini_tgate compiled": compiled, "mini_tgate compiled + TGATE": compiled})
+    decodes = {id(pipe): time_decode(pipe.vae, args.device) for pipe in pipes.values()}
 
     times = {name: [] for name in runs}
+    denoise = {name: [] for name in runs}  # latency minus the VAE decode
     memory, images = {}, {}
     for name, run in runs.items():  # warm-up (and compilation), memory, and the outputs to compare
         with PeakMemory(args.device) as m:
@@ -196,14 +222,15 @@ def main():
         memory[name] = m.bytes
     for _ in range(args.repeats):
         for name, run in runs.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            decoded = decodes[id(pipes[name])]
+            sync(args.device)
             t = time.perf_counter()
             run()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(args.device)
             times[name].append(time.perf_counter() - t)
+            denoise[name].append(times[name][-1] - decoded[-1])
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    median_denoise = {name: statistics.median(ts) for name, ts in denoise.items()}
 
     unet_config = ours.unet.config
     base_macs = count_macs(unet_config, args.size, args.size, args.steps, 7.5)["unet_macs"]
@@ -219,16 +246,18 @@ def main():
           f"{args.size}x{args.size}, {args.steps} steps, CFG 7.5, {args.device} {args.dtype}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), {time.strftime('%Y-%m-%d')}; "
           f"TGATE {gate_kw}; median of {args.repeats}\n")
-    print("| run | latency / image | vs diffusers | TGATE speed-up | MAC-predicted | peak memory | "
-          "max diff vs diffusers(+tgate) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | latency / image | vs diffusers (+tgate) | denoising | TGATE speed-up: whole / denoising | "
+          "MAC-predicted | peak memory | max diff vs diffusers (+tgate) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in runs:
         gated = name in base_of
         ref_name = "diffusers + tgate" if gated else "diffusers"
-        speedup = f"{median[base_of[name]] / median[name]:.2f}x" if gated else ""
+        speedup = (f"{median[base_of[name]] / median[name]:.2f}x / "
+                   f"{median_denoise[base_of[name]] / median_denoise[name]:.2f}x" if gated else "")
         predicted = f"{base_macs / gate_macs:.2f}x" if gated else ""
         diff = abs(images[name] - images[ref_name]).max()
-        print(f"| {name} | {median[name]:.3f} s | {median[name] / median[ref_name]:.2f}x | {speedup} | {predicted} | "
+        print(f"| {name} | {median[name]:.3f} s | {median[name] / median[ref_name]:.2f}x | "
+              f"{median_denoise[name]:.3f} s | {speedup} | {predicted} | "
               f"{memory[name] / 2**20:.0f} MiB | {diff:.1e} |")
     print(f"\nLoading ({wb / 2**20:.0f} MiB of safetensors, fresh process, median of 3):\n")
     print("| library | load time | peak RSS increase | / weight bytes |")
