@@ -13,6 +13,7 @@ and the peak memory while loading are measured in a fresh process per library.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -130,7 +131,9 @@ def sync(device: str):
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or on CPU the process RSS sampled every ms."""
+    """Peak memory of a block: CUDA allocator peak, or on CPU the increase of the process RSS,
+    sampled every ms, over its value at the start, after malloc_trim has handed the memory freed
+    by earlier runs back to the system (else a later run would reuse it and read low)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -143,6 +146,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return self
+        if platform.system() == "Linux":
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.base = self.peak = self.rss()
         self.running = True
 
@@ -212,6 +217,10 @@ def main():
         runs["mini_tgate compiled + TGATE"] = lambda: compiled(PROMPT, tgate=gate, **kw).images
         pipes.update({"mini_tgate compiled": compiled, "mini_tgate compiled + TGATE": compiled})
     decodes = {id(pipe): time_decode(pipe.vae, args.device) for pipe in pipes.values()}
+    for pipe in {id(pipe): pipe for pipe in pipes.values()}.values():
+        # page in lazily mapped weights now, so that the peak memory of a run is its activations
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            sum(float(p.sum()) for p in model.parameters())
 
     times = {name: [] for name in runs}
     denoise = {name: [] for name in runs}  # latency minus the VAE decode
