@@ -1,12 +1,12 @@
 """Command line.
 
     python -m mini_tgate generate "a photo of a cat" --model stable-diffusion-v1-5/stable-diffusion-v1-5
-    python -m mini_tgate generate "a photo of a cat" --compare   # the same seed without and with TGATE
+    python -m mini_tgate generate "a red circle on a blue background" --compare   # without and with TGATE
     python -m mini_tgate info out/00000.png                      # how an image was made
     python -m mini_tgate macs --arch sdxl --gate-step 10         # the MACs the gate saves, no weights
 
-`generate` with no --model runs the embedded random-weight checkpoint (weights/tiny-random): noise,
-in seconds. `examples/sample.py` is `generate` with a default prompt. Bad input ends with one line
+`generate` with no --model runs the embedded tiny model trained on coloured shapes
+(weights/tiny-shapes, 64x64; weights/README.md), in seconds. `examples/sample.py` is `generate` with a default prompt. Bad input ends with one line
 `error: ...` on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -30,7 +30,7 @@ from .png import describe, format_parameters, image_grid, save_png, side_by_side
 from .schedulers import SCHEDULERS
 from .tgate import TGate
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-random"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ERRORS = (CheckpointError, ConfigError, ValueError, OSError, FloatingPointError, TypeError)
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="text to image (default model: the random-weight weights/tiny-random)")
+    p = sub.add_parser("generate", help="text to image (default model: weights/tiny-shapes, trained on coloured shapes)")
     add_generate_options(p)
     p.set_defaults(run=generate_command)
 

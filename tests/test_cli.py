@@ -19,7 +19,7 @@ from PIL import Image
 from mini_tgate import EulerDiscreteScheduler, TGate, load_pipeline
 from mini_tgate.png import read_png_text, to_uint8
 
-DEFAULT = ROOT / "weights" / "tiny-random"
+DEFAULT = ROOT / "weights" / "tiny-shapes"  # the default of both commands, 64x64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -75,15 +75,15 @@ def test_compare_saves_both_runs_and_their_difference(pipe, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "no gate:" in r.stdout and "TGATE:" in r.stdout
     image = pixels(tmp_path / "cmp.png")
-    assert image.shape == (128, 3 * 128, 3)
+    assert image.shape == (64, 3 * 64, 3)
     pipe.scheduler, ddim = EulerDiscreteScheduler.from_config(pipe.scheduler.config), pipe.scheduler
     try:
         plain = expected(pipe, "a red cat", 6, tgate=None)[0]
         gated = expected(pipe, "a red cat", 6, tgate=TGate(3, 5, 1, 2))[0]
     finally:
         pipe.scheduler = ddim
-    assert same_image(image[:, :128], plain) and same_image(image[:, 128:256], gated)
-    assert not np.array_equal(plain, gated) and image[:, 256:].max() > 0
+    assert same_image(image[:, :64], plain) and same_image(image[:, 64:128], gated)
+    assert not np.array_equal(plain, gated) and image[:, 128:].max() > 0
 
 
 def test_several_images_numbered_files_and_a_grid(pipe, tmp_path):
@@ -95,7 +95,7 @@ def test_several_images_numbered_files_and_a_grid(pipe, tmp_path):
         assert same_image(pixels(tmp_path / f"g-{i}.png"), want[i])
         assert json.loads(read_png_text(tmp_path / f"g-{i}.png")["mini_tgate"])["prompt"] == ["a cat", "a dog"][i // 2]
     grid = pixels(tmp_path / "g.png")
-    assert grid.shape == (256, 256, 3) and same_image(grid[128:, :128], want[2])
+    assert grid.shape == (128, 128, 3) and same_image(grid[64:, :64], want[2])
     # a folder (created) gets numbered files, after the ones already there
     for _ in range(2):
         assert cli("generate", "a cat", "--steps", 1, "--out", "runs/new/", cwd=tmp_path).returncode == 0
@@ -106,7 +106,7 @@ def test_info_describes_a_png(tmp_path):
     assert cli("generate", "a blue bird", "--steps", 1, "--seed", 7, "--out", "b.png", cwd=tmp_path).returncode == 0
     r = cli("info", "b.png", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("b.png: 128x128 (width x height), RGB, 8-bit")
+    assert r.stdout.startswith("b.png: 64x64 (width x height), RGB, 8-bit")
     assert "  prompt: a blue bird" in r.stdout and "  seed: 7" in r.stdout
 
 
@@ -116,7 +116,7 @@ def test_sample_py_with_no_arguments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "25/25" in r.stderr and "saved out/00000.png" in r.stdout
     params = json.loads(read_png_text(tmp_path / "out" / "00000.png")["mini_tgate"])
-    assert params["steps"] == 25 and params["model"] == str(ROOT / "weights" / "tiny-shapes")
+    assert params["steps"] == 25 and params["model"] == str(DEFAULT)
     assert params["prompt"] == "a red circle on a blue background"
 
 
@@ -157,7 +157,7 @@ CHECKPOINTS = {  # name: (how to break the checkpoint, what the error says)
 ARGUMENTS = {  # name: (arguments after `generate "a cat"`, what the error says)
     "missing folder": (["--model", "no/such/folder/here"], "no such folder"),
     "not in the hub cache": (["--model", "org/not-cached"], "not in the local hub cache"),
-    "height not a multiple of 8": (["--height", 100], "multiples of 8, got 100x128"),
+    "height not a multiple of 8": (["--height", 100], "multiples of 8, got 100x64"),
     "size too small": (["--width", 4], "multiples of 8"),
     "no steps": (["--steps", 0], "num_inference_steps must be an integer >= 1"),
     "guidance nan": (["--guidance-scale", "nan"], "guidance_scale must be a finite number, got nan"),
