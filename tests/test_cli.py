@@ -118,6 +118,12 @@ def test_sample_py_with_no_arguments(tmp_path):
     params = json.loads(read_png_text(tmp_path / "out" / "00000.png")["mini_tgate"])
     assert params["steps"] == 25 and params["model"] == str(DEFAULT)
     assert params["prompt"] == "a red circle on a blue background"
+    # and it draws what it says: the shapes checker of examples/ finds the colours and the shape
+    sys.path.insert(0, str(ROOT / "examples"))
+    import shapes
+
+    image = pixels(tmp_path / "out" / "00000.png") / 255.0
+    assert shapes.adherence(image[None], [params["prompt"]])["all"] == 1.0
 
 
 # ----------------------------------------------------------------------------- bad input
