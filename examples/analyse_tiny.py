@@ -15,12 +15,10 @@
    S_F keeps its adherence from small m on while S_L loses it.
 """
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +27,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
 import mini_tgate  # noqa: E402
-from evaluate_tiny import eval_prompts  # noqa: E402
+from evaluate_tiny import eval_prompts, parser  # noqa: E402
 from mini_tgate.attention import Attention  # noqa: E402
 
 
@@ -85,13 +83,7 @@ def attention_convergence(pipe, prompts, noise, steps, guidance):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "weights" / "tiny-shapes"))
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--docs", type=Path, default=ROOT / "docs")
-    args = p.parse_args()
+    args = parser(__doc__).parse_args()
     torch.set_num_threads(args.threads)
     pipe = mini_tgate.load_pipeline(args.model)
     prompts = eval_prompts()

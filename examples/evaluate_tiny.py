@@ -52,14 +52,20 @@ def eval_prompts() -> list[str]:
     return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options this script and analyse_tiny.py share."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "weights" / "tiny-shapes"))
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seeds", type=int, default=2, help="initial noises per prompt")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    return p
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--seeds", type=int, default=2, help="initial noises per prompt")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -40,31 +40,30 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
+from make_default import SCHEDULE, TEXT, export  # noqa: E402  (the text encoder and schedule of weights/tiny-random)
 from mini_tgate import (AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler,  # noqa: E402
                         StableDiffusionPipeline, UNet2DConditionModel)
-from mini_tgate.checkpoint import save_pipeline  # noqa: E402
-from mini_tgate.config import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
+from mini_tgate.config import UNetConfig, VAEConfig  # noqa: E402
 from mini_tgate.png import image_grid, save_png  # noqa: E402
 
 VAE = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
                 latent_channels=4)
-TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      projection_dim=32, architectures=["CLIPTextModel"])  # vocabulary: CLIP's 49408
 UNET = UNetConfig(sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
                   attention_head_dim=4, cross_attention_dim=TEXT.hidden_size,  # 4 heads (see config.py)
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-# SD-1.5's noise schedule (its scheduler_config.json), sampled with DDIM
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                timestep_spacing="leading")
 PREVIEW = [shapes.all_prompts()[i] for i in np.random.default_rng(0).permutation(168)[:24]]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (n, 64, 64, 3) -> the VAE's input (n, 3, 64, 64) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def batch_of_images(seed: int, step: int, n: int) -> tuple[torch.Tensor, list[str]]:
     """n fresh images (n, 3, 64, 64) in [-1, 1] and captions, fixed by (seed, step)."""
     images, captions = shapes.make_dataset(n, seed=[seed, step])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+    return to_tensor(images), captions
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
@@ -140,7 +139,7 @@ def train_vae(args) -> AutoencoderKL:
 def encode_pool(vae: AutoencoderKL, n: int, seed: int):
     """The frozen VAE's posterior (mean, std) for n dataset images, and their captions."""
     images, captions = shapes.make_dataset(n, seed=[seed, 10**9])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(images)
     means, stds = [], []
     for chunk in x.split(200):
         posterior = vae.encode(chunk)
@@ -153,7 +152,7 @@ def encode_pool(vae: AutoencoderKL, n: int, seed: int):
 def vae_report(vae: AutoencoderKL, seed: int):
     """Reconstruction error and the checker's verdict on reconstructed images (the ceiling for stage 2)."""
     images, captions = shapes.make_dataset(256, seed=[seed, 10**9 + 1])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(images)
     rec = vae(x).clamp(-1, 1)
     out = ((rec + 1) / 2).permute(0, 2, 3, 1).numpy()
     score = shapes.adherence(out, captions)
@@ -289,11 +288,8 @@ def main():
 
     text_encoder, unet = train_unet(args, vae, tokenizer)
     pipe = make_pipeline(unet, vae, text_encoder, tokenizer)
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        model.half()  # float16 storage: the 49408 x 32 token embedding alone is 3.2 MB
-    save_pipeline(pipe, args.export)
-    size = sum(f.stat().st_size for f in args.export.rglob("*") if f.is_file())
-    print(f"exported {args.export} ({size / 1e6:.1f} MB); total {(time.time() - t0) / 60:.1f} min")
+    size = export(pipe, args.export)
+    print(f"exported {args.export} ({size:.1f} MB); total {(time.time() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
     python -m mini_tgate macs --arch sdxl --gate-step 10         # the MACs the gate saves, no weights
 
 `generate` with no --model runs the embedded tiny model trained on coloured shapes
-(weights/tiny-shapes, 64x64; weights/README.md), in seconds. `examples/sample.py` is `generate` with a default prompt. Bad input ends with one line
-`error: ...` on stderr and a non-zero exit code, never a traceback.
+(weights/tiny-shapes, 64x64; weights/README.md), in seconds. `examples/sample.py` is `generate`
+with a default prompt. Bad input ends with one line `error: ...` on stderr and a non-zero exit
+code, never a traceback.
 """
 
 from __future__ import annotations
