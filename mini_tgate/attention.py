@@ -2,7 +2,9 @@
 
 Reimplements diffusers' `Attention` + `AttnProcessor2_0` (diffusers/models/attention_processor.py)
 as the UNet's transformer blocks use it: `to_q`, `to_k`, `to_v` without bias, `to_out.0` with
-bias, no norms inside. Key names match the checkpoint's.
+bias, no norms inside. Key names match the checkpoint's. The PixArt transformer (pixart.py) uses
+the same class with two options: `bias=True` (biases on `to_q/k/v`, its `attention_bias`) and an
+additive `mask` on the scores (its text padding mask as a bias of 0 or -10000).
 
 The gate (see tgate.py for the schedule): each module holds `gate`, a plain string set by
 `UNet2DConditionModel.set_gate` before each step, and `cache`, the output it keeps:
@@ -30,23 +32,25 @@ from .tgate import CACHE, CACHE_MEAN, COMPUTE, REUSE
 
 class Attention(nn.Module):
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
-                 upcast: bool = False):
+                 upcast: bool = False, bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
         self.is_cross = context_dim is not None
         self.upcast = upcast  # SD-2.1's `upcast_attention`: scores in float32 when running in half
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.gate = COMPUTE
         self.cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: None, or an additive bias on the scores that broadcasts to (B, heads, T, S)."""
         if self.gate == REUSE:
             return self.cache
-        out = self.attend(x, x if context is None else context)
+        out = self.attend(x, x if context is None else context, mask)
         if self.gate == CACHE:
             self.cache = out
         elif self.gate == CACHE_MEAN:
@@ -54,7 +58,7 @@ class Attention(nn.Module):
             self.cache = (uncond + cond) / 2
         return out
 
-    def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)  # (B, heads, T, head_dim)
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
@@ -62,7 +66,9 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.upcast and dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        # softmax(q @ k^T / sqrt(head_dim)) @ v, fused
-        y = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, heads, T, head_dim)
+        if mask is not None:
+            mask = mask.to(q.dtype)  # SDPA wants a float mask in the scores' dtype
+        # softmax(q @ k^T / sqrt(head_dim) + mask) @ v, fused
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)  # (B, heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)                 # (B, T, heads * head_dim)
         return self.to_out[0](y)

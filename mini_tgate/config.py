@@ -183,3 +183,88 @@ class VAEConfig(_FromDict):
                 raise ConfigError(f"vae block type {t!r} is not supported")
         if self.act_fn != "silu":
             raise ConfigError(f"vae act_fn={self.act_fn!r} is not supported")
+
+
+@dataclass
+class PixArtTransformerConfig(_FromDict):
+    """diffusers' PixArtTransformer2DModel (transformer/config.json of PixArt-Alpha and -Sigma).
+
+    PixArt-Alpha checkpoints name the class `Transformer2DModel` (diffusers' older generic class)
+    and carry its extra keys (`only_cross_attention`, `double_self_attention`, `num_vector_embeds`,
+    `use_linear_projection`); at their defaults they change nothing here, other values are refused.
+    Two settings are derived when the config leaves them null, as diffusers derives them:
+    `use_additional_conditions` is on exactly when sample_size == 128, and `interpolation_scale`
+    is max(sample_size // 64, 1). See `additional_conditions` and `pos_interpolation`.
+    """
+
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72  # per-head width (no quirk here: it is the width)
+    in_channels: int = 4
+    out_channels: int | None = 8  # 8: noise and variance (learned sigma); None: in_channels
+    num_layers: int = 28
+    dropout: float = 0.0  # training only
+    norm_num_groups: int = 32  # unused by this architecture, kept for the key
+    cross_attention_dim: int | None = 1152  # width of the text tokens seen by cross-attention
+    attention_bias: bool = True  # biases on to_q / to_k / to_v
+    sample_size: int = 128  # latent size the model was trained at (1024 px / 8)
+    patch_size: int = 2
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int | None = 1000
+    upcast_attention: bool = False
+    norm_type: str = "ada_norm_single"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-6
+    interpolation_scale: float | None = None  # position-embedding scale; None: derived (above)
+    use_additional_conditions: bool | None = None  # resolution / aspect-ratio micro-conditions
+    caption_channels: int | None = None  # text encoder width (T5-XXL: 4096); None: no projection
+    attention_type: str | None = "default"
+    only_cross_attention: bool = False     # Transformer2DModel keys (PixArt-Alpha configs)
+    double_self_attention: bool = False
+    num_vector_embeds: int | None = None
+    use_linear_projection: bool = False    # deprecated in diffusers, no effect on PixArt
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def additional_conditions(self) -> bool:
+        if self.use_additional_conditions is None:
+            return self.sample_size == 128
+        return bool(self.use_additional_conditions)
+
+    @property
+    def pos_interpolation(self) -> float:
+        if self.interpolation_scale is None:
+            return max(self.sample_size // 64, 1)
+        return self.interpolation_scale
+
+    def check(self):
+        expected = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate",
+                    "attention_type": "default", "only_cross_attention": False,
+                    "double_self_attention": False, "num_vector_embeds": None}
+        for name, value in expected.items():
+            if getattr(self, name) != value:
+                raise ConfigError(f"transformer config {name}={getattr(self, name)!r} is not supported "
+                                  f"(PixArt uses {value!r})")
+        for name in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers",
+                     "sample_size", "patch_size", "num_embeds_ada_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"transformer config {name} must be a positive integer, got {value!r}")
+        if self.sample_size < self.patch_size:
+            raise ConfigError(f"transformer config sample_size={self.sample_size} is smaller than "
+                              f"patch_size={self.patch_size}")
+        if self.cross_attention_dim is None:
+            raise ConfigError("transformer config cross_attention_dim=None (no text conditioning) is not supported")
+        if self.caption_channels is not None and self.cross_attention_dim != self.inner_dim:
+            raise ConfigError(f"transformer config cross_attention_dim={self.cross_attention_dim} must equal "
+                              f"num_attention_heads * attention_head_dim = {self.inner_dim} when "
+                              "caption_channels projects the text to that width")
+        if self.inner_dim % 4:  # the 2-D sin/cos embedding splits the width in halves of sin/cos pairs
+            raise ConfigError(f"transformer width {self.inner_dim} (heads * head_dim) must be a multiple of 4")
+        if self.additional_conditions and self.inner_dim % 3:  # timestep + resolution (2/3) + aspect ratio (1/3)
+            raise ConfigError(f"transformer width {self.inner_dim} must be a multiple of 3 with "
+                              "use_additional_conditions (resolution and aspect-ratio embeddings)")
+        if not (isinstance(self.pos_interpolation, (int, float)) and self.pos_interpolation > 0):
+            raise ConfigError(f"transformer config interpolation_scale must be positive, got {self.interpolation_scale!r}")
