@@ -67,7 +67,10 @@ class PatchEmbed(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = self.proj(latent)                   # (B, D, h, w)
         B, D, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)        # (B, h * w, D)
+        # (B, h * w, D), made contiguous: as a transposed view, every residual add would keep its
+        # layout, and each Linear reading the residual stream would copy it and add its bias
+        # apart from the matmul (slower, and rounded differently from diffusers in half precision)
+        x = x.flatten(2).transpose(1, 2).contiguous()
         pos = sincos_2d(D, h, w, self.base_size, self.interpolation_scale, latent.device)
         return (x + pos).to(x.dtype)            # added in float32 even when x is half
 
