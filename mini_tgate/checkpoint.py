@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CLIPTextConfig
+from .config import CLIPTextConfig, ConfigError
 
 
 class CheckpointError(Exception):
@@ -54,53 +54,153 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 
 # ----------------------------------------------------------------------------- finding files
 
+# Configs are a few KB and SDXL's largest shard index ~100 KB: a JSON file over 16 MiB is not
+# a checkpoint's, and is refused before it is read into memory.
+MAX_JSON_BYTES = 16 * 2**20
+CONFIG_FILES = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json"]
+
+
 def is_repo_id(source: str) -> bool:
     return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", source)) and not source.startswith((".", "/"))
 
 
-def hub_patterns(variant: str | None, folders=COMPONENTS) -> list[str]:
+def weight_patterns(variant: str | None) -> list[str]:
+    """The safetensors names of a component's weights, whole or sharded (and the shard index).
+    transformers names variant shards `model-00001-of-00002.fp16.safetensors`, diffusers
+    `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`; both indexes are
+    `<stem>.safetensors.index.fp16.json`. Plain names never match a variant's files."""
+    shard = "-?????-of-?????"
+    if variant:
+        return [n for s in WEIGHT_STEMS for n in (f"{s}.{variant}.safetensors", f"{s}{shard}.{variant}.safetensors",
+                                                  f"{s}.{variant}{shard}.safetensors", f"{s}.safetensors.index.{variant}.json")]
+    return [n for s in WEIGHT_STEMS for n in (f"{s}.safetensors", f"{s}{shard}.safetensors", f"{s}.safetensors.index.json")]
+
+
+def hub_patterns(variant: str | None, folders=COMPONENTS, repo_files: list[str] | None = None) -> list[str]:
     """What a pipeline needs from a hub repo: configs, tokenizer files, one variant's safetensors
     of the components it uses (not the safety checker, not single-file or pickle checkpoints).
     `folders` narrows it to some components; "" is the repo's top level (a repo holding one
-    model, such as latent-consistency/lcm-sdxl's UNet)."""
-    configs = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json"]
-    if variant:
-        weights = [f"*.{variant}.safetensors", f"*.safetensors.index.{variant}.json"]
-    else:  # `?` keeps `*.fp16.safetensors` shards out: shards end in -NNNNN-of-NNNNN
-        weights = [f"{s}.safetensors" for s in WEIGHT_STEMS] + ["*-of-?????.safetensors", "*.safetensors.index.json"]
-    return ["model_index.json"] + [f"{c}/{f}" if c else f for c in folders for f in configs + weights]
+    model, such as latent-consistency/lcm-sdxl's UNet). With `repo_files` (the repo's file list),
+    a component that lacks the variant gets its plain weights instead, as local loading does."""
+    from fnmatch import fnmatch
+
+    patterns = ["model_index.json"]
+    for c in folders:
+        prefix = f"{c}/" if c else ""
+        weights = weight_patterns(variant)
+        if variant and repo_files is not None:
+            in_folder = [f[len(prefix):] for f in repo_files if f.startswith(prefix)]
+            if not any(fnmatch(f, w) for f in in_folder for w in weights):
+                weights = weight_patterns(None)
+        patterns += [prefix + f for f in CONFIG_FILES + weights]
+    return patterns
+
+
+def is_network_error(e: BaseException) -> bool:
+    """A connection failure or time-out, as raised by the HTTP client huggingface_hub uses
+    (httpx's TransportError, requests' ConnectionError/Timeout) or the standard library."""
+    for _ in range(16):  # along the chain of causes (bounded: a chain could loop)
+        if e is None:
+            return False
+        if type(e).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE, not the network
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(
+                k.__name__ in ("TransportError", "ConnectionError", "Timeout") for k in type(e).__mro__):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def resolve(source: str | os.PathLike, variant: str | None = None, local_files_only: bool = False,
-            cache_dir: str | os.PathLike | None = None, folders=COMPONENTS) -> Path:
-    """A local folder as is, or a hub repo id downloaded (or found in the cache) as a folder."""
+            cache_dir: str | os.PathLike | None = None, folders=COMPONENTS, revision: str | None = None) -> Path:
+    """A local folder as is, or a hub repo id downloaded (or found in the cache) as a folder.
+
+    `revision` (a branch, tag or commit; hub only, ignored for a local folder) picks the
+    snapshot; `snapshot_commit(folder)` tells which commit was loaded. Online, with a variant,
+    the repo's file list is read first so that components without that variant fetch their
+    plain weights (and only those); offline, the cache holds what it holds."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if not is_repo_id(str(source)):
+    text = str(source)
+    if not is_repo_id(text) or Path(text.split("/")[0]).is_dir():
+        # "weights/tiny-shapez" looks like a repo id, but its first part is a folder here.
         raise CheckpointError(f"{source}: no such folder (and not a hub repo id 'org/name')")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    offline = (local_files_only or constants.HF_HUB_OFFLINE
+               or os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE"))
+    unreachable = f"{source}: the hub could not be reached"
     try:
-        return Path(snapshot_download(str(source), allow_patterns=hub_patterns(variant, folders),
-                                      local_files_only=offline, cache_dir=cache_dir))
+        repo_files = None
+        if variant and not offline:
+            try:
+                repo_files = HfApi().list_repo_files(text, revision=revision)
+            except Exception as e:
+                if not is_network_error(e):
+                    raise
+                # as snapshot_download does: no network, so the cache decides
+        return Path(snapshot_download(text, allow_patterns=hub_patterns(variant, folders, repo_files),
+                                      revision=revision, local_files_only=offline, cache_dir=cache_dir))
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(f"{source}: not in the local hub cache and downloading is off "
-                              "(local_files_only or HF_HUB_OFFLINE)") from e
+        if offline:
+            raise CheckpointError(f"{source}: not in the local hub cache and downloading is off "
+                                  "(local_files_only or HF_HUB_OFFLINE)") from e
+        raise CheckpointError(f"{unreachable} and it is not (completely) in the local hub cache: {e}") from e
     except (HfHubHTTPError, OSError, ValueError) as e:
+        if is_network_error(e):
+            raise CheckpointError(f"{unreachable}: {e}") from e
         raise CheckpointError(f"{source}: could not be fetched from the hub: {e}") from e
+    except Exception as e:
+        if is_network_error(e):  # the HTTP client's own exception types
+            raise CheckpointError(f"{unreachable}: {e}") from e
+        raise
+
+
+def snapshot_commit(folder: str | os.PathLike) -> str | None:
+    """The commit of a hub-cache snapshot (`.../models--org--name/snapshots/<commit>/`, or a
+    folder inside one), or None for a plain local folder."""
+    for p in (Path(folder), *Path(folder).parents):
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--") \
+                and re.fullmatch(r"[0-9a-f]{40}", p.name):
+            return p.name
+    return None
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that must hold one object (every config, index and vocabulary does)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB, not a checkpoint's JSON file")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object {{...}}, not a {type(value).__name__}")
+    return value
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a `*.safetensors.index.json` lists: plain names inside its folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+    for name in weight_map.values():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index}: weight_map values must be file names, got {name!r}")
+        # Only files inside the component's folder: no absolute paths, no way up with "..".
+        # (The files themselves may be symlinks, as the hub cache's snapshots are.)
+        if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+            raise CheckpointError(f"{index}: weight_map names {name!r}, outside the model folder")
+    return sorted(set(weight_map.values()))
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -114,10 +214,7 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
                     warnings.warn(f"{folder}: no {variant!r} variant, loading {single.name}")
                 if single.is_file():
                     return [single]
-                shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-                if not shards:
-                    raise CheckpointError(f"{index}: no weight_map")
-                return [folder / s for s in shards]
+                return [folder / s for s in shard_names(index)]
     pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(f"{folder}: only pickle-based weights ({', '.join(pickles)}); they are "
@@ -142,7 +239,10 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None, device) -> dict[s
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
         for k in sf.keys():
             t = sf.get_tensor(k)
-            if dtype is not None and t.is_floating_point():
+            if not t.is_floating_point() and k not in LEGACY_DROPPED:  # every model here holds floats only
+                raise CheckpointError(f"{f}: tensor {k} is {str(t.dtype).removeprefix('torch.')}; "
+                                      "model weights must be floating point")
+            if dtype is not None:
                 t = t.to(dtype)
             state[k] = t.to(device)  # a bad device fails here with torch's own error, not as a bad file
     return state
@@ -187,6 +287,53 @@ def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") 
     return model.requires_grad_(False).eval()
 
 
+def pick_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype=`, or diffusers' name for it, `torch_dtype=`; float32 when neither is given."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+    chosen = dtype if dtype is not None else torch_dtype if torch_dtype is not None else torch.float32
+    if not isinstance(chosen, torch.dtype) or not chosen.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (e.g. torch.float16), got {chosen!r}")
+    return chosen
+
+
+def model_hash(source: str | os.PathLike) -> str:
+    """A1111's short "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file.
+
+    For a single file, that file. For a diffusers folder, the denoiser's weights (`unet/`, or
+    `transformer/` for PixArt, or the folder itself for a one-model folder): the file itself
+    when whole; when sharded, the SHA-256 of the shards' SHA-256 hex digests, one per line in
+    file-name order. A hub-cache file is a symlink to `blobs/<sha256 of the content>`: that
+    name is used instead of reading the file again."""
+    import hashlib
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        denoiser = next((path / d for d in ("unet", "transformer") if (path / d).is_dir()), path)
+        files = weight_files(denoiser)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise CheckpointError(f"{source}: no such file or folder")
+
+    def sha256(f: Path) -> str:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed by the shard index)")
+        blob = Path(os.path.realpath(f)).name
+        if f.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob):
+            return blob
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(2**20):  # 1 MiB at a time: memory stays flat for 7 GB files
+                h.update(chunk)
+        return h.hexdigest()
+
+    digests = [sha256(f) for f in files]
+    if len(digests) == 1:
+        return digests[0][:10]
+    return hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()[:10]
+
+
 class PretrainedMixin:
     """`from_pretrained` and `save_pretrained` for the model classes: each sets `config_class`
     and takes a config."""
@@ -194,15 +341,21 @@ class PretrainedMixin:
     config_class: type
 
     @classmethod
-    def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = torch.float32,
+    def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = None,
                         device="cpu", variant: str | None = None, local_files_only: bool = False,
-                        cache_dir=None):
-        folder = resolve(source, variant, local_files_only, cache_dir, folders=[subfolder or ""])
+                        cache_dir=None, revision: str | None = None, torch_dtype: torch.dtype | None = None):
+        """The model of a folder or hub repo (only `subfolder`'s files are fetched). dtype
+        (diffusers' name, torch_dtype, is an alias) defaults to float32."""
+        dtype = pick_dtype(dtype, torch_dtype)
+        folder = resolve(source, variant, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
         if subfolder:
             folder = folder / subfolder
             if not folder.is_dir():
                 raise CheckpointError(f"{folder}: missing component folder")
-        config = cls.config_class.from_dict(read_json(folder / "config.json"))
+        try:
+            config = cls.config_class.from_dict(read_json(folder / "config.json"))
+        except ConfigError as e:
+            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
         with torch.device("meta"):
             model = cls(config)
         return load_weights(model, weight_files(folder, variant), dtype, device)

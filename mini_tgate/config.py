@@ -9,6 +9,7 @@ here are rejected by `check()` with a message that names them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -16,11 +17,73 @@ class ConfigError(ValueError):
     """A config.json that is malformed or asks for an architecture not implemented here."""
 
 
+# No width, count or token id of a supported model comes near these bounds (the largest:
+# T5-XXL's 10,240-wide MLP, mT5's 250,112 tokens, SDXL's 10 transformer layers per block, CLIP
+# bigG's 32 layers); a value past them is a typo, and a model of 10^9 layers would take minutes
+# to build even on the meta device.
+MAX_INT = 2**20  # every integer of a config, lists included
+MAX_LAYERS = 256  # the layers of one stack
+MAX_BLOCKS = 16  # UNet / VAE resolution levels (SD: 4)
+
+TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "tuple": "a list", "list": "a list", "dict": "an object", "None": "null"}
+
+
+def has_type(value, name: str) -> bool:
+    """Whether a JSON value fits one alternative of a field's annotation ("int", "list[int]", ...)."""
+    name = name.split("[")[0].strip()
+    if name == "None":
+        return value is None
+    if name == "bool":
+        return isinstance(value, bool)
+    if name in ("int", "float"):  # JSON's 1 is a fine float; true is no number
+        kinds = int if name == "int" else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    if name in ("tuple", "list"):
+        return isinstance(value, (list, tuple))
+    if name in ("str", "dict"):
+        return isinstance(value, {"str": str, "dict": dict}[name])
+    return True  # an annotation not checked here
+
+
+def out_of_range(value) -> bool:
+    """An integer past MAX_INT or a float that is not finite, anywhere in a (nested) value."""
+    if isinstance(value, (list, tuple)):
+        return any(out_of_range(v) for v in value)
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT
+
+
+def short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class _FromDict:
+    component = ""  # how messages name the config ("unet", "vae", ...); "" for the class name
+
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        """The config of a parsed config.json. Each known key's value is checked against the
+        field's annotation (a string for `layers_per_block`, 2.0 for an integer, true for a
+        number are refused) and bounded (MAX_INT), then `check()` validates the whole."""
+        name = cls.component or cls.__name__
+        if not isinstance(d, dict):
+            raise ConfigError(f"{name} config must be a JSON object, got {type(d).__name__}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            value, kinds = d[f.name], str(f.type).split("|")
+            if not any(has_type(value, k) for k in kinds):
+                expected = " or ".join(TYPE_NAMES.get(k.split("[")[0].strip(), k.strip()) for k in kinds)
+                raise ConfigError(f"{name} config {f.name}={short(value)}: expected {expected}")
+            if out_of_range(value):
+                raise ConfigError(f"{name} config {f.name}={short(value)}: numbers must be finite and "
+                                  f"integers at most {MAX_INT}")
+            values[f.name] = value
+        cfg = cls(**values)
         cfg.check()
         return cfg
 
@@ -30,10 +93,22 @@ class _FromDict:
     def check(self) -> None:
         pass
 
+    def require(self, field: str, low: int = 1, high: int = MAX_INT, each: bool = False) -> None:
+        """`field` is an integer in [low, high] (or, with `each`, an int or a non-empty list of them)."""
+        value = getattr(self, field)
+        values = list(value) if each and isinstance(value, (list, tuple)) else [value]
+        ok = values and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+        if not ok:
+            what = "integers" if each and isinstance(value, (list, tuple)) else "an integer"
+            raise ConfigError(f"{self.component or type(self).__name__} config {field}={short(value)}: "
+                              f"expected {what} from {low} to {high}")
+
 
 @dataclass
 class CLIPTextConfig(_FromDict):
     """transformers' CLIPTextConfig (text_encoder/config.json)."""
+
+    component = "text encoder"
 
     vocab_size: int = 49408
     hidden_size: int = 768
@@ -56,10 +131,17 @@ class CLIPTextConfig(_FromDict):
         return bool(self.architectures) and "CLIPTextModelWithProjection" in self.architectures
 
     def check(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_attention_heads",
+                     "max_position_embeddings"):
+            self.require(name)
+        self.require("num_hidden_layers", high=MAX_LAYERS)
+        if self.layer_norm_eps < 0:
+            raise ConfigError(f"text encoder layer_norm_eps={self.layer_norm_eps} must not be negative")
         if self.hidden_act not in ("quick_gelu", "gelu"):
             raise ConfigError(f"text encoder hidden_act={self.hidden_act!r} is not supported")
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError("text encoder hidden_size must be divisible by num_attention_heads")
+            raise ConfigError(f"text encoder hidden_size={self.hidden_size} must be divisible by "
+                              f"num_attention_heads={self.num_attention_heads}")
 
 
 @dataclass
@@ -72,6 +154,8 @@ class UNetConfig(_FromDict):
     `num_attention_heads = num_attention_heads or attention_head_dim`; so does `heads()` below.
     The real per-head width is then block channels // heads.
     """
+
+    component = "unet"
 
     sample_size: int = 64
     in_channels: int = 4
@@ -152,13 +236,44 @@ class UNetConfig(_FromDict):
                 raise ConfigError(f"unet block type {t!r} is not supported")
         if self.mid_block_type not in (None, "UNetMidBlock2DCrossAttn"):
             raise ConfigError(f"unet mid_block_type={self.mid_block_type!r} is not supported")
-        if len(self.block_out_channels) != len(self.down_block_types):
-            raise ConfigError("unet block_out_channels and down_block_types differ in length")
+        self.require("block_out_channels", each=True)
+        n = len(self.block_out_channels)
+        if not 1 <= len(self.down_block_types) <= MAX_BLOCKS:
+            raise ConfigError(f"unet down_block_types: expected 1 to {MAX_BLOCKS} blocks")
+        if n != len(self.down_block_types) or n != len(self.up_block_types):
+            raise ConfigError("unet block_out_channels, down_block_types and up_block_types differ in length")
+        for name in ("sample_size", "in_channels", "out_channels", "norm_num_groups", "cross_attention_dim",
+                     "attention_head_dim", "num_attention_heads", "addition_time_embed_dim",
+                     "projection_class_embeddings_input_dim", "time_cond_proj_dim"):
+            if getattr(self, name) is not None:  # None: the feature is off (or, for heads, the quirk above)
+                self.require(name, each=True)
+        self.require("layers_per_block", high=MAX_LAYERS)
+        self.require("transformer_layers_per_block", high=MAX_LAYERS, each=True)
+        for name in ("cross_attention_dim", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and len(value) != n:
+                raise ConfigError(f"unet {name} lists {len(value)} values for {n} blocks")
+        for name in ("conv_in_kernel", "conv_out_kernel"):  # odd: "same" padding keeps the size
+            self.require(name, high=31)
+            if getattr(self, name) % 2 == 0:
+                raise ConfigError(f"unet {name}={getattr(self, name)} must be odd")
+        for channels in self.block_out_channels:  # every GroupNorm splits a block's channels into groups
+            if channels % self.norm_num_groups:
+                raise ConfigError(f"unet block_out_channels {channels} is not divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+        attention = [i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")]
+        if self.mid_block_type:
+            attention.append(n - 1)
+        for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.heads())):
+            if i in attention and channels % heads:
+                raise ConfigError(f"unet block {i}: {channels} channels do not split into {heads} attention heads")
 
 
 @dataclass
 class VAEConfig(_FromDict):
     """diffusers' AutoencoderKL (vae/config.json)."""
+
+    component = "vae"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -183,6 +298,20 @@ class VAEConfig(_FromDict):
                 raise ConfigError(f"vae block type {t!r} is not supported")
         if self.act_fn != "silu":
             raise ConfigError(f"vae act_fn={self.act_fn!r} is not supported")
+        self.require("block_out_channels", each=True)
+        n = len(self.block_out_channels)
+        if not n <= MAX_BLOCKS or n != len(self.down_block_types) or n != len(self.up_block_types):
+            raise ConfigError(f"vae block_out_channels, down_block_types and up_block_types must have "
+                              f"the same length, at most {MAX_BLOCKS}")
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups", "sample_size"):
+            self.require(name)
+        self.require("layers_per_block", high=MAX_LAYERS)
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ConfigError(f"vae block_out_channels {channels} is not divisible by "
+                                  f"norm_num_groups={self.norm_num_groups}")
+        if self.scaling_factor == 0:
+            raise ConfigError("vae scaling_factor must not be 0 (latents are divided by it)")
 
 
 @dataclass
@@ -196,6 +325,8 @@ class PixArtTransformerConfig(_FromDict):
     `use_additional_conditions` is on exactly when sample_size == 128, and `interpolation_scale`
     is max(sample_size // 64, 1). See `additional_conditions` and `pos_interpolation`.
     """
+
+    component = "transformer"
 
     num_attention_heads: int = 16
     attention_head_dim: int = 72  # per-head width (no quirk here: it is the width)

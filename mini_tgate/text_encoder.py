@@ -103,6 +103,9 @@ class CLIPTextModel(PretrainedMixin, nn.Module):
         """input_ids: (B, T) LongTensor, T <= max_position_embeddings, each row holding an EOS."""
         tm = self.text_model
         B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids hold {T} tokens; this text encoder has "
+                             f"{self.config.max_position_embeddings} positions")
         positions = torch.arange(T, device=input_ids.device)
         x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding(positions)  # (B, T, D)
         hidden_states = [x]

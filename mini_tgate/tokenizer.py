@@ -36,6 +36,12 @@ from .checkpoint import CheckpointError, read_json, resolve, write_json
 # OpenAI's word pattern: the two special tokens, contractions, runs of letters, one digit at a
 # time, runs of anything else that is not a space.
 CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# Prompts are padded to model_max_length tokens, so it is bounded: at least BOS + EOS, and at
+# most 16,384 (CLIP has 77 positions, T5 512). transformers writes int(1e30) (or int(1e20)) when
+# a tokenizer has no limit; such a config is read as CLIP's 77, the context of every SD text
+# encoder (load_pipeline checks it against the text encoder's positions).
+MAX_MODEL_MAX_LENGTH = 16384
+NO_LIMIT = int(1e20)
 SPECIAL_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
 
@@ -75,6 +81,10 @@ class CLIPTokenizer:
         # Of several entries with the same text, the last one's flags win.
         tok.add_tokens(added_tokens)
         self.tokenizer = tok
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) \
+                or not 2 <= model_max_length <= MAX_MODEL_MAX_LENGTH:
+            raise ValueError(f"tokenizer model_max_length must be an integer from 2 to {MAX_MODEL_MAX_LENGTH}, "
+                             f"got {model_max_length!r}")
         self.model_max_length = model_max_length
         self.bos_token_id, self.eos_token_id, self.pad_token_id = (
             self.token_id(t) for t in (bos_token, eos_token, pad_token))
@@ -93,8 +103,9 @@ class CLIPTokenizer:
 
     @classmethod
     def from_pretrained(cls, source, subfolder: str | None = "tokenizer", local_files_only: bool = False,
-                        cache_dir=None) -> CLIPTokenizer:
-        folder = resolve(source, None, local_files_only, cache_dir)
+                        cache_dir=None, revision: str | None = None) -> CLIPTokenizer:
+        """The tokenizer of a folder or hub repo (only `subfolder`'s files are fetched)."""
+        folder = resolve(source, None, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
         folder = folder / subfolder if subfolder else folder
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: missing tokenizer folder")
@@ -125,8 +136,14 @@ class CLIPTokenizer:
         added = [added_token(t) for t in sorted(listed, key=lambda t: t["id"])]
         specials = {k: added_token(names.get(k) or v) for k, v in SPECIAL_DEFAULTS.items()}
         added += [t for t in specials.values() if t.content not in {a.content for a in added}]
-        return cls(vocab, merges, added_tokens=added, model_max_length=int(config.get("model_max_length", 77)),
-                   **{k: t.content for k, t in specials.items()})
+        length = config.get("model_max_length", 77)
+        if isinstance(length, (int, float)) and not isinstance(length, bool) and length >= NO_LIMIT:
+            length = 77  # transformers' "no limit"
+        try:
+            return cls(vocab, merges, added_tokens=added, model_max_length=length,
+                       **{k: t.content for k, t in specials.items()})
+        except ValueError as e:
+            raise CheckpointError(f"{folder / 'tokenizer_config.json'}: {e}") from None
 
     def save_pretrained(self, folder) -> None:
         """Write `vocab.json`, `merges.txt`, `special_tokens_map.json` and `tokenizer_config.json`,
@@ -149,6 +166,14 @@ class CLIPTokenizer:
     def encode(self, prompts: str | list[str]) -> list[list[int]]:
         """The ids of each prompt's text, without BOS/EOS and not truncated."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for p in prompts:
+            if not isinstance(p, str):
+                raise TypeError(f"a prompt must be a str, got {type(p).__name__}")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: what Python makes of non-UTF-8 argv bytes
+                raise ValueError(f"prompt is not valid text: {p[e.start:e.end]!r} at character {e.start} is not a "
+                                 "Unicode character (was it given in an encoding other than UTF-8?)") from None
         return [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:

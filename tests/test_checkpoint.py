@@ -1,6 +1,8 @@
 """Checkpoint I/O: folders, hub cache (offline), variants, shards, strict loading, refusals."""
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -8,7 +10,13 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
 
-from mini_tgate.checkpoint import CheckpointError, hub_patterns, resolve, weight_files
+import huggingface_hub
+from conftest import ROOT
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from mini_tgate.checkpoint import (MAX_JSON_BYTES, CheckpointError, hub_patterns, model_hash, resolve,
+                                   snapshot_commit, weight_files)
+from mini_tgate.tokenizer import CLIPTokenizer
 from mini_tgate.unet import UNet2DConditionModel
 from test_unet import make_reference
 
@@ -138,4 +146,226 @@ def test_pickle_weights_are_refused(tmp_path):
     make_reference("sd1").save_pretrained(tmp_path / "unet", safe_serialization=False)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").exists()
     with pytest.raises(CheckpointError, match="pickle.*execute arbitrary code"):
+        UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+
+
+# ----------------------------------------------------------------------------- hub downloads
+
+CLIP = ROOT / "weights" / "clip"
+
+# A repo whose UNet has diffusers-style fp16 shards, whose text encoder has transformers-style
+# ones, and whose VAE has no fp16 file at all.
+VARIANT_REPO_FILES = """model_index.json scheduler/scheduler_config.json unet/config.json
+unet/diffusion_pytorch_model.safetensors.index.json unet/diffusion_pytorch_model-00001-of-00002.safetensors
+unet/diffusion_pytorch_model-00002-of-00002.safetensors unet/diffusion_pytorch_model.safetensors.index.fp16.json
+unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors
+text_encoder/config.json text_encoder/model.safetensors text_encoder/model-00001-of-00002.fp16.safetensors
+text_encoder/model-00002-of-00002.fp16.safetensors text_encoder/model.safetensors.index.fp16.json
+vae/config.json vae/diffusion_pytorch_model.safetensors tokenizer/vocab.json tokenizer/merges.txt""".split()
+
+
+def test_hub_patterns_variant_shards_and_fallback():
+    plain = set(filter_repo_objects(VARIANT_REPO_FILES, allow_patterns=hub_patterns(None)))
+    assert not any("fp16" in f for f in plain)  # diffusers' fp16 shards end in -0000N-of-0000N too
+    fp16_files = {"unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+                  "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                  "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+                  "text_encoder/model-00001-of-00002.fp16.safetensors", "text_encoder/model.safetensors.index.fp16.json"}
+    # Without the file list (offline: the cache decides), only the variant's files.
+    fp16 = set(filter_repo_objects(VARIANT_REPO_FILES, allow_patterns=hub_patterns("fp16")))
+    assert fp16_files <= fp16 and "vae/diffusion_pytorch_model.safetensors" not in fp16
+    # With it, the VAE (no fp16 file) gets its plain weights, the others only their fp16 ones.
+    listed = set(filter_repo_objects(VARIANT_REPO_FILES, allow_patterns=hub_patterns("fp16", repo_files=VARIANT_REPO_FILES)))
+    assert fp16_files | {"vae/diffusion_pytorch_model.safetensors"} <= listed
+    assert not {"unet/diffusion_pytorch_model-00001-of-00002.safetensors", "text_encoder/model.safetensors"} & listed
+
+
+class FakeHub:
+    """snapshot_download and HfApi.list_repo_files as the hub answers them, recording the calls."""
+
+    def __init__(self, monkeypatch, folder, files=None, error=None):
+        self.calls, self.folder, self.error = [], folder, error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+        monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda api, repo, revision=None: files)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def snapshot_download(self, repo, **kwargs):
+        self.calls.append(kwargs)
+        if self.error:
+            raise self.error
+        return str(self.folder)
+
+
+def test_hub_download_fetches_the_variant_fallback(monkeypatch, tmp_path):
+    hub = FakeHub(monkeypatch, tmp_path, files=VARIANT_REPO_FILES)
+    assert resolve("org/sd", variant="fp16", revision="v1.0") == tmp_path
+    (kwargs,) = hub.calls
+    assert kwargs["revision"] == "v1.0" and not kwargs["local_files_only"]
+    fetched = set(filter_repo_objects(VARIANT_REPO_FILES, allow_patterns=kwargs["allow_patterns"]))
+    assert {"vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors"} <= fetched
+
+
+def test_component_from_pretrained_fetches_only_its_folder(monkeypatch, tmp_path):
+    shutil.copytree(CLIP, tmp_path / "tokenizer")
+    hub = FakeHub(monkeypatch, tmp_path)
+    CLIPTokenizer.from_pretrained("org/sd", subfolder="tokenizer")
+    with pytest.raises(CheckpointError):  # no unet/ in this fake snapshot: the call is what is checked
+        UNet2DConditionModel.from_pretrained("org/sd", subfolder="unet", revision="abc")
+    for kwargs, folder in zip(hub.calls, ("tokenizer/", "unet/")):
+        assert all(p.startswith(folder) or p == "model_index.json" for p in kwargs["allow_patterns"])
+    assert hub.calls[1]["revision"] == "abc"
+
+
+def test_network_failure_says_the_hub_could_not_be_reached(monkeypatch, tmp_path):
+    import httpx2  # huggingface_hub's HTTP client
+
+    try:  # what snapshot_download raises when the connection fails and the cache lacks the repo
+        raise LocalEntryNotFoundError("cannot find the appropriate snapshot folder") from httpx2.ConnectError("down")
+    except LocalEntryNotFoundError as e:
+        error = e
+    FakeHub(monkeypatch, tmp_path, error=error)
+    with pytest.raises(CheckpointError, match="org/sd: the hub could not be reached") as e:
+        resolve("org/sd")
+    assert "downloading is off" not in str(e.value)
+    FakeHub(monkeypatch, tmp_path, error=httpx2.ConnectTimeout("timed out"))
+    with pytest.raises(CheckpointError, match="the hub could not be reached"):
+        resolve("org/sd")
+
+
+def test_mistyped_local_path_is_not_a_hub_error(monkeypatch, tmp_path):
+    (tmp_path / "weights" / "tiny-shapes").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    FakeHub(monkeypatch, tmp_path, error=AssertionError("the hub must not be asked"))
+    for path in ("weights/tiny-shapez", "./weights/tiny-shapez", "~/no-such-folder-here/x"):
+        with pytest.raises(CheckpointError, match="no such folder"):
+            resolve(path)
+
+
+REV_A, REV_B = "a" * 40, "b" * 40
+
+
+def test_revision_and_snapshot_commit(folder, tmp_path):
+    repo = make_hub_cache(folder, tmp_path, rev=REV_A)
+    repo_dir = tmp_path / "models--org--tiny-sd"
+    shutil.copytree(folder, repo_dir / "snapshots" / REV_B)
+    (repo_dir / "refs" / "v2").write_text(REV_B)  # a tag
+    kw = dict(local_files_only=True, cache_dir=tmp_path)
+    assert snapshot_commit(resolve(repo, **kw)) == REV_A  # refs/main
+    assert snapshot_commit(resolve(repo, revision="v2", **kw)) == REV_B
+    assert snapshot_commit(resolve(repo, revision=REV_A, **kw) / "unet") == REV_A  # a component folder too
+    assert snapshot_commit(folder) is None
+    unet = UNet2DConditionModel.from_pretrained(repo, subfolder="unet", revision="v2", **kw)
+    assert same_weights(unet, UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+    with pytest.raises(CheckpointError, match="not in the local hub cache"):
+        resolve(repo, revision="v3", **kw)
+
+
+def test_symlinked_hub_cache_with_shards_loads_and_hashes(tmp_path):
+    """The hub cache's layout: snapshot files are symlinks to blobs/<sha256> (LFS files)."""
+    make_reference("sd1").save_pretrained(tmp_path / "plain" / "unet", max_shard_size="200KB")
+    repo_dir = tmp_path / "hub" / "models--org--sharded"
+    snapshot = repo_dir / "snapshots" / REV_A
+    (repo_dir / "blobs").mkdir(parents=True)
+    (snapshot / "unet").mkdir(parents=True)
+    digests = []
+    for f in sorted((tmp_path / "plain" / "unet").iterdir()):
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo_dir / "blobs" / sha)
+        os.symlink(f"../../../blobs/{sha}", snapshot / "unet" / f.name)
+        if f.suffix == ".safetensors":
+            digests.append(sha)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REV_A)
+    assert len(digests) > 1
+    unet = UNet2DConditionModel.from_pretrained("org/sharded", subfolder="unet", local_files_only=True,
+                                                cache_dir=tmp_path / "hub")
+    assert same_weights(unet, UNet2DConditionModel.from_pretrained(tmp_path / "plain", subfolder="unet"))
+    # Sharded: the SHA-256 of the shards' digests, one per line, in file-name order.
+    expected = hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()[:10]
+    assert model_hash(snapshot) == model_hash(tmp_path / "plain") == expected
+
+
+def test_model_hash_is_a1111s_short_sha256(folder, tmp_path):
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert model_hash(weights) == model_hash(folder) == sha[:10]
+    # A hub blob's name is its content's SHA-256: it is taken as it is, the file is not read.
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / ("c" * 64)).write_bytes(b"not read")
+    os.symlink(tmp_path / "blobs" / ("c" * 64), tmp_path / "model.safetensors")
+    assert model_hash(tmp_path / "model.safetensors") == "c" * 10
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        model_hash(tmp_path / "nope.safetensors")
+
+
+def test_torch_dtype_is_an_alias_of_dtype(folder):
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float16)
+    assert {p.dtype for p in unet.parameters()} == {torch.float16}
+    same = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=torch.float16, torch_dtype=torch.float16)
+    assert same_weights(unet, same)
+    with pytest.raises(ValueError, match="disagree"):
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=torch.bfloat16, torch_dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def sharded_copy(tmp_path):
+    make_reference("sd1").save_pretrained(tmp_path / "m" / "unet", max_shard_size="200KB")
+    return tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+
+
+def test_variant_shards_load(folder, tmp_path):
+    make_reference("sd1").save_pretrained(tmp_path / "unet", variant="fp16", max_shard_size="200KB")
+    assert len(weight_files(tmp_path / "unet", "fp16")) > 1
+    unet = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet", variant="fp16")
+    assert same_weights(unet, UNet2DConditionModel.from_pretrained(folder, subfolder="unet"))
+
+
+def test_shard_index_cannot_read_outside_the_folder(tmp_path):
+    index = sharded_copy(tmp_path)
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    outside = tmp_path / "outside.safetensors"  # a perfectly good shard, but not in the model folder
+    shutil.move(index.parent / first, outside)
+    for name in ("../../outside.safetensors", str(outside)):
+        index.write_text(json.dumps({"weight_map": {k: name if v == first else v for k, v in data["weight_map"].items()}}))
+        with pytest.raises(CheckpointError, match="outside the model folder"):
+            UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
+
+
+@pytest.mark.parametrize("content, message", [
+    ([], "must hold a JSON object"),
+    ({"weight_map": ["a.safetensors"]}, "weight_map must be a non-empty object"),
+    ({"weight_map": {}}, "weight_map must be a non-empty object"),
+    ({"weight_map": {"conv_in.weight": 3}}, "weight_map values must be file names, got 3"),
+    ({"weight_map": {"conv_in.weight": ["a"]}}, "weight_map values must be file names"),
+])
+def test_shard_index_of_the_wrong_shape(tmp_path, content, message):
+    index = sharded_copy(tmp_path)
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=message) as e:
+        UNet2DConditionModel.from_pretrained(tmp_path / "m", subfolder="unet")
+    assert str(index) in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    (" " * MAX_JSON_BYTES + "{}", "larger than 16 MiB"),
+    ('"unet"', "must hold a JSON object"),
+    ("3", "must hold a JSON object"),
+], ids=["nested", "huge", "string", "number"])
+def test_config_json_of_the_wrong_shape(folder, tmp_path, text, message):
+    shutil.copytree(folder / "unet", tmp_path / "unet")
+    (tmp_path / "unet" / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as e:
+        UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+    assert str(tmp_path / "unet" / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_integer_weights_are_refused(folder, tmp_path, dtype):
+    path = broken_copy(folder, tmp_path, lambda s: s.update({"conv_in.bias": s["conv_in.bias"].to(dtype)}))
+    with pytest.raises(CheckpointError, match=f"{path}: tensor conv_in.bias is {str(dtype)[6:]}; "
+                                              "model weights must be floating point"):
         UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
