@@ -299,10 +299,8 @@ class VAEConfig(_FromDict):
         if self.act_fn != "silu":
             raise ConfigError(f"vae act_fn={self.act_fn!r} is not supported")
         self.require("block_out_channels", each=True)
-        n = len(self.block_out_channels)
-        if not n <= MAX_BLOCKS or n != len(self.down_block_types) or n != len(self.up_block_types):
-            raise ConfigError(f"vae block_out_channels, down_block_types and up_block_types must have "
-                              f"the same length, at most {MAX_BLOCKS}")
+        if len(self.block_out_channels) > MAX_BLOCKS:  # the levels are built from block_out_channels alone
+            raise ConfigError(f"vae block_out_channels: expected at most {MAX_BLOCKS} levels")
         for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups", "sample_size"):
             self.require(name)
         self.require("layers_per_block", high=MAX_LAYERS)
@@ -399,3 +397,47 @@ class PixArtTransformerConfig(_FromDict):
                               "use_additional_conditions (resolution and aspect-ratio embeddings)")
         if not (isinstance(self.pos_interpolation, (int, float)) and self.pos_interpolation > 0):
             raise ConfigError(f"transformer config interpolation_scale must be positive, got {self.interpolation_scale!r}")
+
+
+@dataclass
+class T5Config(_FromDict):
+    """transformers' T5Config (text_encoder/config.json of PixArt: T5-v1.1-XXL's encoder).
+
+    Defaults are T5-v1.1-XXL's. Only the encoder of T5 v1.1 (and mT5, the same architecture) is
+    built: `feed_forward_proj` must be "gated-gelu" (v1.0's "relu" feed-forward has other
+    weights, `wi` instead of `wi_0`/`wi_1`). Decoder and training keys (num_decoder_layers,
+    dropout_rate, ...) are ignored.
+    """
+
+    component = "text encoder"
+
+    vocab_size: int = 32128  # the embedding's rows (32000 pieces + 100 <extra_id_N> + padding)
+    d_model: int = 4096  # width of the residual stream
+    d_kv: int = 64  # per-head width (heads * d_kv need not equal d_model)
+    d_ff: int = 10240  # feed-forward width
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32  # relative-position buckets (half per direction)
+    relative_attention_max_distance: int = 128  # distances from here on share the last bucket
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    model_type: str = "t5"
+    architectures: list | None = None
+
+    def check(self):
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "relative_attention_max_distance"):
+            self.require(name)
+        self.require("num_layers", high=MAX_LAYERS)
+        self.require("relative_attention_num_buckets", low=4)  # 2 directions, each exact + log-spaced
+        exact = self.relative_attention_num_buckets // 4  # distances below this get a bucket each
+        if self.relative_attention_max_distance <= exact:
+            raise ConfigError(f"text encoder relative_attention_max_distance={self.relative_attention_max_distance} "
+                              f"must exceed relative_attention_num_buckets // 4 = {exact}")
+        if self.layer_norm_epsilon < 0:
+            raise ConfigError(f"text encoder layer_norm_epsilon={self.layer_norm_epsilon} must not be negative")
+        if self.feed_forward_proj != "gated-gelu":
+            raise ConfigError(f"text encoder feed_forward_proj={self.feed_forward_proj!r} is not supported "
+                              "(T5 v1.1, PixArt's text encoder, uses 'gated-gelu')")
+        if self.model_type not in ("t5", "mt5"):
+            raise ConfigError(f"text encoder model_type={self.model_type!r} is not supported "
+                              "(T5 v1.1 encoders: 't5' or 'mt5')")

@@ -67,6 +67,52 @@ def test_invalid_json(ckpt):
         load_pipeline(ckpt)
 
 
+@pytest.mark.parametrize("file, content", [
+    ("model_index.json", []),
+    ("model_index.json", "StableDiffusionPipeline"),
+    ("unet/config.json", [1, 2]),
+    ("vae/config.json", 3),
+    ("scheduler/scheduler_config.json", []),
+    ("scheduler/scheduler_config.json", "DDIMScheduler"),
+    ("scheduler/scheduler_config.json", 1.5),
+    ("tokenizer/tokenizer_config.json", ["model_max_length"]),
+])
+def test_valid_json_of_the_wrong_shape(ckpt, file, content):
+    (ckpt / file).write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=f"{ckpt / file}: must hold a JSON object"):
+        load_pipeline(ckpt)
+
+
+def test_deeply_nested_json(ckpt):
+    (ckpt / "model_index.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(CheckpointError, match="model_index.json: JSON nested too deeply"):
+        load_pipeline(ckpt)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(block_out_channels="32,64"), "unet config block_out_channels='32,64': expected a list"),
+    (dict(layers_per_block="1"), "unet config layers_per_block='1': expected an integer"),
+    (dict(norm_num_groups=0), "unet config norm_num_groups=0: expected an integer from 1"),
+    (dict(attention_head_dim=0), "unet config attention_head_dim=0: expected an integer from 1"),
+])
+def test_bad_config_values(ckpt, changes, message):
+    edit_json(ckpt / "unet" / "config.json", **changes)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_pipeline(ckpt)
+    assert str(ckpt / "unet" / "config.json") in str(e.value)
+
+
+def test_integer_weights_name_the_file_and_key(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    key = sorted(state)[0]
+    save_file({**state, key: state[key].long()}, path)
+    with pytest.raises(CheckpointError, match=f"{path}: tensor {key} is int64"):
+        load_pipeline(ckpt)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
 def test_corrupt_safetensors(ckpt, damage):
     path = ckpt / "unet" / "diffusion_pytorch_model.safetensors"

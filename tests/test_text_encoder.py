@@ -157,3 +157,10 @@ def test_real_configs_have_transformers_keys(name):
     assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in expected
     assert ("text_projection.weight" in expected) == (name == "sdxl_2")
     assert not list(ours.buffers())
+
+
+def test_more_tokens_than_positions_is_a_clear_error():
+    with torch.device("meta"):
+        te = CLIPTextModel(CLIPTextConfig.from_dict(TINY))
+    with pytest.raises(ValueError, match="input_ids hold 78 tokens; this text encoder has 77 positions"):
+        te(torch.zeros(1, 78, dtype=torch.long, device="meta"))

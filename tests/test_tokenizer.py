@@ -168,3 +168,33 @@ def test_weights_clip_is_derived_from_openai_bpe(tmp_path):
     vocab = json.loads((VOCAB / "vocab.json").read_text(encoding="utf-8"))
     assert len(vocab) == 49408 and vocab["!"] == 0 and vocab["a</w>"] == 320
     assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+
+
+@pytest.mark.parametrize("length, expected", [
+    (int(1e30), 77), (int(1e20), 77),  # transformers' "no limit": read as CLIP's 77 positions
+    (100000, "an integer from 2 to 16384, got 100000"),
+    (1, "got 1"), (-77, "got -77"), ("77", "got '77'"), (77.5, "got 77.5"), (True, "got True"),
+])
+def test_model_max_length_is_bounded(tmp_path, length, expected):
+    folder = write_folder(tmp_path / "tok", {"model_max_length": length})
+    if isinstance(expected, int):
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder=None)
+        assert tok.model_max_length == expected and tok("a cat").shape == (1, expected)
+        return
+    from mini_tgate.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"{folder / 'tokenizer_config.json'}: tokenizer model_max_length .*{expected}"):
+        CLIPTokenizer.from_pretrained(folder, subfolder=None)
+    with pytest.raises(ValueError, match=expected):
+        CLIPTokenizer.from_files(VOCAB / "vocab.json", VOCAB / "merges.txt", model_max_length=length)
+
+
+def test_prompt_that_is_not_valid_text():
+    """A non-UTF-8 command-line argument reaches Python as lone surrogates ("\udcff")."""
+    tok = CLIPTokenizer.from_files(VOCAB / "vocab.json", VOCAB / "merges.txt")
+    bad = b"a caf\xe9".decode("utf-8", "surrogateescape")
+    for prompts in (bad, ["a cat", bad]):
+        with pytest.raises(ValueError, match=r"prompt is not valid text: '\\udce9' at character 5"):
+            tok(prompts)
+    with pytest.raises(TypeError, match="a prompt must be a str, got int"):
+        tok(["a cat", 3])
