@@ -297,11 +297,12 @@ def pick_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> to
     return chosen
 
 
-def model_hash(source: str | os.PathLike) -> str:
+def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
     """A1111's short "Model hash": the first 10 hex digits of the SHA-256 of the checkpoint file.
 
     For a single file, that file. For a diffusers folder, the denoiser's weights (`unet/`, or
-    `transformer/` for PixArt, or the folder itself for a one-model folder): the file itself
+    `transformer/` for PixArt, or the folder itself for a one-model folder; `variant`'s file if
+    it has one, as `weight_files` picks it): the file itself
     when whole; when sharded, the SHA-256 of the shards' SHA-256 hex digests, one per line in
     file-name order. A hub-cache file is a symlink to `blobs/<sha256 of the content>`: that
     name is used instead of reading the file again."""
@@ -310,7 +311,7 @@ def model_hash(source: str | os.PathLike) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         denoiser = next((path / d for d in ("unet", "transformer") if (path / d).is_dir()), path)
-        files = weight_files(denoiser)
+        files = weight_files(denoiser, variant)
     elif path.is_file():
         files = [path]
     else:

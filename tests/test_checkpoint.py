@@ -297,6 +297,9 @@ def test_model_hash_is_a1111s_short_sha256(folder, tmp_path):
     assert model_hash(tmp_path / "model.safetensors") == "c" * 10
     with pytest.raises(CheckpointError, match="no such file or folder"):
         model_hash(tmp_path / "nope.safetensors")
+    make_reference("sd1").save_pretrained(tmp_path / "fp16" / "unet", variant="fp16")
+    fp16 = tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    assert model_hash(tmp_path / "fp16", variant="fp16") == hashlib.sha256(fp16.read_bytes()).hexdigest()[:10]
 
 
 def test_torch_dtype_is_an_alias_of_dtype(folder):
