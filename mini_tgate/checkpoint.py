@@ -11,6 +11,8 @@ cast to the requested dtype and device one at a time, and put in place with
 `load_state_dict(assign=True)`: weights are never allocated twice. Loading is strict: any
 missing, unexpected or mis-shaped key is an error that names the file and the keys.
 Pickle-based files (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: unpickling runs code.
+Files are distrusted: a JSON file must be one object of at most 16 MiB, a shard index may
+only name files inside its own folder, and weights must be floating point.
 
 Saving writes the same layout back (`model.save_pretrained(folder)`, `save_pipeline(pipe,
 folder)`), under the class names diffusers and transformers use, so that their
