@@ -28,6 +28,10 @@ runs in float32 and returns float32 images. diffusers' SDXL pipeline does the sa
 decode (`vae.to(torch.float32)`, then back to float16); keeping the VAE in float32 costs
 ~160 MB more and avoids casting the weights back and forth. (diffusers' SD-1.x/2.x pipelines
 ignore force_upcast and decode in float16.) bfloat16 has float32's range and never needs it.
+
+Memory, as diffusers: `vae.enable_slicing()` encodes/decodes a batch one image at a time, and
+`vae.enable_tiling()` decodes large latents in overlapping tiles of the trained size (see
+`tiled`), so the activations are those of one 512-pixel tile whatever the image size.
 """
 
 from __future__ import annotations
@@ -227,6 +231,55 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(device)
 
 
+def check_input(x, name: str, channels: int) -> None:
+    """encode/decode take a float tensor (B, channels, H, W) with no empty axis."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != channels or 0 in x.shape:
+        raise ValueError(f"{name} must have shape (batch, {channels}, height, width) with no empty axis, "
+                         f"got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def blend_rows(above: torch.Tensor, below: torch.Tensor, extent: int) -> None:
+    """Cross-fade, in place, `below`'s first `extent` rows from `above`'s last ones: row y of
+    the overlap is above * (1 - y/extent) + below * y/extent (diffusers' blend_v)."""
+    extent = min(above.shape[2], below.shape[2], extent)
+    if extent > 0:
+        w = torch.arange(extent, device=below.device).to(below.dtype)[:, None] / extent  # (extent, 1)
+        below[:, :, :extent] = above[:, :, -extent:] * (1 - w) + below[:, :, :extent] * w
+
+
+def blend_columns(left: torch.Tensor, right: torch.Tensor, extent: int) -> None:
+    """The same across columns (diffusers' blend_h)."""
+    blend_rows(left.transpose(2, 3), right.transpose(2, 3), extent)
+
+
+def tiled(fn, x: torch.Tensor, tile: int, step: int, blend: int, keep: int) -> torch.Tensor:
+    """fn (a decoder or an encoder) applied to overlapping tiles of x, reassembled.
+
+    Tiles of tile x tile inputs start every `step` inputs, row by row (those at the right and
+    bottom edges are smaller). Each output tile is blended with the finished tile above it,
+    then with the finished tile to its left, and its top-left keep x keep corner is kept. Only
+    two rows of tiles are alive at once (diffusers keeps all of them; the order of the blends,
+    and so the result, is the same).
+    """
+    out_rows, above = [], None
+    for i in range(0, x.shape[2], step):
+        row = []
+        for j in range(0, x.shape[3], step):
+            t = fn(x[:, :, i:i + tile, j:j + tile])
+            if above is not None:
+                blend_rows(above[len(row)], t, blend)
+            if row:
+                blend_columns(row[-1], t, blend)
+            row.append(t)
+        out_rows.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+        above = row
+    return torch.cat(out_rows, dim=2)
+
+
 class AutoencoderKL(PretrainedMixin, nn.Module):
     """diffusers' AutoencoderKL: `encode(image) -> DiagonalGaussian`, `decode(z) -> image`."""
 
@@ -241,14 +294,25 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         # 1x1 convs between the encoder/decoder and the latent space (absent in some checkpoints)
         self.quant_conv = nn.Conv2d(2 * n, 2 * n, 1) if config.use_quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(n, n, 1) if config.use_post_quant_conv else nn.Identity()
-        # Like diffusers' enable_slicing(): encode/decode one image at a time, which bounds
-        # activation memory for large batches. The results are the same up to float rounding
-        # (PyTorch's CPU kernels may sum in another order for another batch size or layout).
+        # Memory switches, diffusers' names (see enable_slicing / enable_tiling). They are
+        # configuration, set before calls: each encode/decode reads them once, at its start.
         self.use_slicing = False
+        self.use_tiling = False
+        # Tile geometry, under the attribute names diffusers users set by hand: a tile is
+        # sample_size pixels (the size the VAE was trained at), i.e. sample_size / factor latents,
+        # and neighbouring tiles overlap by a quarter of a tile.
+        self.tile_sample_min_size = config.sample_size
+        self.tile_latent_min_size = config.sample_size // self.factor
+        self.tile_overlap_factor = 0.25
 
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent along each side: every encoder level but the last halves the size."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     @property
     def needs_upcast(self) -> bool:
@@ -256,18 +320,94 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         module docstring): the pipeline should then call `vae.float()` before decoding."""
         return self.dtype == torch.float16 and self.config.force_upcast
 
+    def enable_slicing(self):
+        """Encode and decode a batch one image at a time: activation memory of one image, not of
+        the batch. The result is the batch's up to float rounding (PyTorch's CPU kernels may sum
+        in another order for another batch size)."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self):
+        """Decode latents larger than a tile (tile_latent_min_size, 64 for SD at factor 8) in
+        overlapping tiles and cross-fade the overlaps, as diffusers' tiled_decode does; encode
+        images larger than tile_sample_min_size pixels the same way. The activation memory is
+        then that of one tile, whatever the image size. Each tile sees only its own latents (the
+        mid-block attention and the group norms work per tile), so the image differs from an
+        untiled decode (slightly, with trained weights) exactly as diffusers' does; inputs that
+        fit in one tile are not tiled at all."""
+        self.tile_plans()  # a tile geometry set by hand is checked now rather than mid-decode
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def tile_plans(self) -> tuple[tuple, tuple]:
+        """diffusers' tile geometry, for decode and for encode: (tile, step, blend, keep) with
+        tile and step in input units (latents for decode), blend and keep in output units.
+
+        Tiles start every `step` inputs; each tile's first `blend` output rows and columns are
+        cross-faded with its neighbours' last ones, then its first `keep` are kept. That is
+        seamless only when a tile's kept part is exactly as long as the step between tiles
+        (keep == step * factor for decode); otherwise diffusers returns an image of the wrong
+        size with misaligned blends (e.g. sample_size 40 at factor 8), so that is refused here.
+        """
+        pixels, latents, overlap, f = (self.tile_sample_min_size, self.tile_latent_min_size,
+                                       self.tile_overlap_factor, self.factor)
+        if not (all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (pixels, latents))
+                and isinstance(overlap, (int, float)) and 0 <= overlap < 1):
+            raise ValueError(f"VAE tiling needs tile_sample_min_size and tile_latent_min_size integers >= 1 "
+                             f"and tile_overlap_factor in [0, 1), got {pixels!r}, {latents!r}, {overlap!r}")
+        decode_step, decode_blend = int(latents * (1 - overlap)), int(pixels * overlap)
+        encode_step, encode_blend = int(pixels * (1 - overlap)), int(latents * overlap)
+        decode = (latents, decode_step, decode_blend, pixels - decode_blend)
+        encode = (pixels, encode_step, encode_blend, latents - encode_blend)
+        if (pixels != latents * f or decode_step < 1 or decode[3] != decode_step * f
+                or encode_step < 1 or encode_step != encode[3] * f):
+            raise ValueError(
+                f"VAE tiles of {pixels} pixels = {latents} latents with overlap {overlap} do not line up: "
+                f"tile_sample_min_size must be tile_latent_min_size * {f}, and the overlap a whole number "
+                f"of latents (with overlap 0.25, tile_sample_min_size a multiple of {4 * f})")
+        return decode, encode
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """image (B, 3, H, W) in [-1, 1] -> posterior over latents (B, latent_ch, H/f, W/f)."""
+        check_input(x, "image", self.config.in_channels)
+        slicing, plan = self.use_slicing, self.tile_plans()[1] if self.use_tiling else None  # read once
+
+        def moments(x):  # (B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)
+            return self.quant_conv(self.encoder(x))
+
+        def encode_one(x):
+            if plan is not None and max(x.shape[2:]) > plan[0]:
+                if x.shape[2] % self.factor or x.shape[3] % self.factor:
+                    # edge tiles would encode to fractional latents (diffusers: a wrong size or
+                    # a convolution error)
+                    raise ValueError(f"tiled encode needs an image height and width that are multiples "
+                                     f"of {self.factor}, got {x.shape[2]}x{x.shape[3]}")
+                return tiled(moments, x, *plan)
+            return moments(x)
+
         x = x.to(self.dtype)
-        parts = x.split(1) if self.use_slicing else [x]
-        return DiagonalGaussian(torch.cat([self.quant_conv(self.encoder(p)) for p in parts]))
+        return DiagonalGaussian(torch.cat([encode_one(p) for p in (x.split(1) if slicing else [x])]))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """latent (B, latent_channels, h, w), already unscaled (see `unscale_latents`) ->
         image (B, 3, h*f, w*f), roughly in [-1, 1], in the VAE's dtype."""
+        check_input(z, "latents", self.config.latent_channels)
+        slicing, plan = self.use_slicing, self.tile_plans()[0] if self.use_tiling else None  # read once
+
+        def image(z):  # (B, latent_channels, h, w) -> (B, 3, h*f, w*f)
+            return self.decoder(self.post_quant_conv(z))
+
+        def decode_one(z):
+            if plan is not None and max(z.shape[2:]) > plan[0]:
+                return tiled(image, z, *plan)
+            return image(z)
+
         z = z.to(self.dtype)
-        parts = z.split(1) if self.use_slicing else [z]
-        return torch.cat([self.decoder(self.post_quant_conv(p)) for p in parts])
+        return torch.cat([decode_one(p) for p in (z.split(1) if slicing else [z])])
 
     def forward(self, x: torch.Tensor, sample_posterior=False, generator=None) -> torch.Tensor:
         """Reconstruct an image: encode, take the posterior's mode (or a sample), decode."""
