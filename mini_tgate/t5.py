@@ -202,7 +202,11 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
             self.shared = embedding
         if "encoder.embed_tokens.weight" in embedding_keys:
             self.encoder["embed_tokens"] = embedding
-        self.embedding = [embedding]  # a list: not registered a third time
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        """The input embedding, whichever names it is registered under."""
+        return self.encoder["embed_tokens"] if "embed_tokens" in self.encoder else self.shared
 
     @classmethod
     def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = None,
@@ -254,7 +258,7 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
         write_json(folder / "config.json", {**self.config.to_dict(), "architectures": ["T5EncoderModel"],
                                             "is_gated_act": True, "dense_act_fn": "gelu_new"})
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in EMBEDDING_KEYS}
-        state["shared.weight"] = self.embedding[0].weight.detach().contiguous()
+        state["shared.weight"] = self.embedding.weight.detach().contiguous()
         save_file(state, folder / "model.safetensors", metadata={"format": "pt"})  # transformers checks "format"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> T5EncoderOutput:
@@ -263,7 +267,7 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
                              f"input_ids have {tuple(input_ids.shape)}")
-        x = self.embedding[0](input_ids)  # (N, L, d_model)
+        x = self.embedding(input_ids)  # (N, L, d_model)
         blocks = self.encoder.block
         bias = blocks[0].layer[0].SelfAttention.position_bias(L)  # (1, heads, L, L), shared by all layers
         if attention_mask is not None:  # padded keys: the most negative number instead of the bias

@@ -226,6 +226,7 @@ charsmap in base64); it is read instead when present.
 """
 
 import base64
+import re
 import struct
 
 from tokenizers.models import Unigram
@@ -367,9 +368,11 @@ class T5Tokenizer:
             raise ValueError(f"tokenizer model_max_length must be an integer from 1 to {MAX_MODEL_MAX_LENGTH}, "
                              f"got {model_max_length!r}")
         self.model_max_length = model_max_length
+        self.special_tokens = dict(eos_token=eos_token, pad_token=pad_token, unk_token=unk_token)
+        self.extra_tokens = list(extra_tokens)
         self.eos_token_id, self.pad_token_id = (self.token_id(t) for t in (eos_token, pad_token))
 
-    token_id = CLIPTokenizer.token_id
+    token_id = CLIPTokenizer.token_id  # the same lookup, with the same error
 
     @classmethod
     def from_pretrained(cls, source, subfolder: str | None = "tokenizer", local_files_only: bool = False,
@@ -407,6 +410,17 @@ class T5Tokenizer:
                        model_max_length=length)
         except ValueError as e:
             raise CheckpointError(f"{folder}: {e}") from None
+
+    def save_pretrained(self, folder) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json`, the files transformers' T5Tokenizer
+        saves and reads (it takes the vocabulary and the charsmap from tokenizer.json)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        extra_ids = sum(bool(re.fullmatch(r"<extra_id_\d+>", t)) for t in self.extra_tokens)
+        write_json(folder / "tokenizer_config.json", {
+            **self.special_tokens, "additional_special_tokens": self.extra_tokens, "extra_ids": extra_ids,
+            "model_max_length": self.model_max_length, "tokenizer_class": "T5Tokenizer"})
 
     def encode(self, prompts: str | list[str]) -> list[list[int]]:
         """The ids of each prompt's text, without `</s>` and not truncated."""

@@ -77,6 +77,17 @@ def test_matches_transformers(folders, form, max_length):
     assert mask.tolist() == expected["attention_mask"].tolist()
 
 
+def test_save_pretrained_reads_back_in_transformers(folders, tmp_path):
+    T5Tokenizer.from_pretrained(folders[0], subfolder=None).save_pretrained(tmp_path)
+    ref = transformers.T5Tokenizer.from_pretrained(folders[0])
+    again = transformers.T5Tokenizer.from_pretrained(tmp_path)
+    ours = T5Tokenizer.from_pretrained(tmp_path, subfolder=None)
+    expected = ref(PROMPTS, padding="max_length", max_length=64, truncation=True)["input_ids"]
+    assert again(PROMPTS, padding="max_length", max_length=64, truncation=True)["input_ids"] == expected
+    assert ours(PROMPTS, max_length=64)[0].tolist() == expected
+    assert ours.model_max_length == 512
+
+
 def test_sentinels_and_untruncated_ids(folders):
     ref = transformers.T5Tokenizer.from_pretrained(folders[0])
     ours = T5Tokenizer.from_pretrained(folders[0], subfolder=None)
