@@ -90,6 +90,24 @@ def test_half_precision_matches_transformers(saved, tmp_path, dtype):
     assert torch.equal(got, expected)
 
 
+def test_float16_overflow_is_clamped_as_transformers(saved, tmp_path):
+    """Embeddings near float16's limit and a large attention output: the first residual add
+    overflows, transformers clamps it to the finite range (64504), and so must this model."""
+    ref, folder = saved["tiny"]
+    state = load_file(folder / "model.safetensors")
+    state["shared.weight"] = state["shared.weight"].sign() * 65000
+    state["encoder.block.0.layer.0.SelfAttention.o.weight"] *= 100
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    ref = transformers.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    ours = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16)
+    ids, mask = inputs(ref.config.vocab_size)
+    expected = ref_output(ref, ids, mask)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask).last_hidden_state
+    assert expected.isfinite().all() and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("stored", [("shared.weight",), ("encoder.embed_tokens.weight",),
                                     ("shared.weight", "encoder.embed_tokens.weight")])
 def test_embedding_stored_either_way(saved, tmp_path, stored):
