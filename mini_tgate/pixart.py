@@ -202,9 +202,10 @@ class PixArtTransformer2DModel(PretrainedMixin, nn.Module):
         if cfg.additional_conditions:
             cond = added_cond_kwargs or {}
             resolution, aspect_ratio = cond.get("resolution"), cond.get("aspect_ratio")
-            if resolution is None or aspect_ratio is None:
-                raise ValueError("this transformer uses micro-conditions: added_cond_kwargs must hold "
-                                 "'resolution' (B, 2) and 'aspect_ratio' (B, 1) tensors")
+            if (resolution is None or aspect_ratio is None or tuple(resolution.shape) != (B, 2)
+                    or tuple(aspect_ratio.shape) != (B, 1)):
+                raise ValueError(f"this transformer uses micro-conditions: added_cond_kwargs must hold "
+                                 f"'resolution' ({B}, 2) and 'aspect_ratio' ({B}, 1) tensors for a batch of {B}")
         text_bias = None
         if encoder_attention_mask is not None:
             L = encoder_hidden_states.shape[1]

@@ -236,8 +236,11 @@ def test_bad_inputs_are_clear_errors(pair):
     with pytest.raises(ValueError, match=r"encoder_attention_mask must have shape \(batch, text length\)"):
         ours(x, text, t, kw["added_cond_kwargs"], kw["encoder_attention_mask"][:, :3])
     if ours.config.additional_conditions:
-        with pytest.raises(ValueError, match="added_cond_kwargs must hold 'resolution'"):
+        with pytest.raises(ValueError, match=r"added_cond_kwargs must hold 'resolution' \(2, 2\)"):
             ours(x, text, t, encoder_attention_mask=kw["encoder_attention_mask"])
+        one = {k: v[:1] for k, v in kw["added_cond_kwargs"].items()}  # a batch of 1's conditions for 2
+        with pytest.raises(ValueError, match="for a batch of 2"):
+            ours(x, text, t, one, kw["encoder_attention_mask"])
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
