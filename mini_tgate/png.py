@@ -1,34 +1,37 @@
 """PNG files with the standard library (zlib, struct) and numpy: no Pillow needed at run time.
 
-A PNG file is an 8-byte signature followed by chunks, each
+The package writes PNGs and reads back only their text chunks (`info`); it has no pixel decoder
+(reading arbitrary images is Pillow's job, when it is installed). A PNG file is an 8-byte
+signature followed by chunks, each
     length (4 bytes, big-endian) | type (4 ASCII letters) | data (length bytes) | CRC-32 of type+data.
-The chunks used here, in file order:
+The chunks written here, in file order:
     IHDR  width, height (uint32), bit depth (8), color type (0 gray, 2 RGB, 4 gray+alpha,
           6 RGBA), compression 0, filter method 0, interlace 0
-    tEXt  keyword \\0 text, both Latin-1          (zTXt: keyword \\0 0 zlib(text))
+    tEXt  keyword \\0 text, both Latin-1          (zTXt: keyword \\0 0 zlib(text); read, not written)
     iTXt  keyword \\0 compressed? method \\0 language \\0 translated keyword \\0 text in UTF-8
-    IDAT  zlib stream of the rows, each prefixed by a filter-type byte (0 None, 1 Sub, 2 Up,
-          3 Average, 4 Paeth): the byte stored is the pixel byte minus a prediction from the
-          pixel to the left, the one above, or both, mod 256 (spec: w3.org/TR/png, section 9)
+    IDAT  zlib stream of the rows, each prefixed by a filter-type byte; every row here uses
+          filter 2 (Up): each byte minus the byte above it, mod 256 (spec section 9)
     IEND  empty; the end of the file
 Spec: https://www.w3.org/TR/png/. Generation parameters are stored as text chunks: `parameters`
 in the AUTOMATIC1111 convention (read by most SD tools) and `mini_tgate`, the same as JSON.
+Reading trusts nothing in the file: see the bounds (MAX_TEXT ...) in the reading section.
 """
-
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import struct
 import uuid
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}  # color type -> channels (8-bit only)
+CHANNELS = {0: 1, 4: 2, 2: 3, 6: 4}  # color type -> channels
 COLOR_NAMES = {0: "gray", 2: "RGB", 3: "palette", 4: "gray+alpha", 6: "RGBA"}
 
 
@@ -88,11 +91,16 @@ def encode_png(image, text: dict[str, str] | None = None) -> bytes:
             + _chunk(b"IEND", b""))
 
 
-def save_png(path, image, text: dict[str, str] | None = None) -> None:
+def save_png(path, image, text: dict[str, str] | None = None, *, overwrite: bool = True) -> None:
     """Write `image` (float in [0, 1] or uint8; (H, W, 3) as the pipeline's output_type "np"
     gives one image) with text chunks to `path`, atomically: the file is written next to the
-    target under a temporary name and renamed into place, so `path` is either the old file or
-    the complete new one. The parent directory must exist (it is not created)."""
+    target under a temporary name and moved into place, so `path` is either the old file (or
+    none) or the complete new one. The parent directory must exist (it is not created).
+
+    overwrite=False: FileExistsError if `path` exists, even if another process created it a moment
+    ago, and nothing is replaced: the complete file is hard-linked to `path`, which fails if the
+    name is taken (where the file system has no hard links, `path` is created exclusively and
+    written in place). Two runs numbering files in one folder can claim names this way."""
     path = Path(path)
     data = encode_png(image, text)  # every ValueError happens here, before the disk is touched
     parent = path.parent
@@ -106,112 +114,169 @@ def save_png(path, image, text: dict[str, str] | None = None) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path, data)
+    except FileExistsError as e:
+        raise FileExistsError(f"cannot write {str(path)!r}: the file exists (not overwritten)") from e
+    except OSError as e:
+        raise type(e)(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+    finally:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise type(e)(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+
+
+def _link_new(tmp: Path, path: Path, data: bytes) -> None:
+    """Give the complete file `tmp` the new name `path`; FileExistsError if `path` exists."""
+    try:
+        os.link(tmp, path)  # atomic, and never replaces an existing name
+        return
+    except FileExistsError:
         raise
+    except (OSError, AttributeError) as e:  # no hard links on this file system (FAT, some network mounts)
+        if isinstance(e, OSError) and e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    with open(path, "xb") as f:
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            path.unlink()  # ours, half-written: no broken image under a name another run would skip
+            raise
 
 
 # ----------------------------------------------------------------------------- reading
+# Only the text chunks are read, never the image data: the file may come from anywhere, so every
+# read is bounded. The reader walks the chunks one by one, reading a chunk's data only for IHDR
+# and text and seeking over the rest (IDAT, unknown chunks); the bounds below are far above what
+# any SD tool writes (A1111's longest `parameters` are a few KiB) and far below a memory problem.
 
-def _read_chunks(path) -> list[tuple[bytes, bytes]]:
-    """[(type, data), ...] up to IEND, checking the signature, the lengths and the CRCs."""
-    data = Path(path).read_bytes()
-    if not data.startswith(SIGNATURE):
-        raise ValueError(f"{str(path)!r} is not a PNG file")
-    chunks, pos = [], len(SIGNATURE)
-    while True:
-        if pos + 12 > len(data):
-            raise ValueError(f"{str(path)!r} is truncated (no IEND chunk)")
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body, crc = data[pos + 8:pos + 8 + length], data[pos + 8 + length:pos + 12 + length]
-        if len(crc) < 4:
-            raise ValueError(f"{str(path)!r} is truncated (in a {kind!r} chunk)")
-        if struct.unpack(">I", crc)[0] != zlib.crc32(kind + body):
-            raise ValueError(f"{str(path)!r} is corrupt (CRC mismatch in a {kind!r} chunk)")
-        chunks.append((kind, body))
-        pos += 12 + length
-        if kind == b"IEND":
-            return chunks
+MAX_TEXT = 1 << 20          # bytes of one text value (after decompression)
+MAX_TOTAL_TEXT = 8 << 20    # bytes of all text values of one file together
+MAX_CHUNKS = 100_000        # chunks of one file (64 KiB IDAT chunks: 6.4 GB of image data)
 
 
-def _header(chunks) -> tuple[int, int, int, int, int]:
-    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
-        raise ValueError("PNG file without a valid IHDR chunk")
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    return width, height, depth, color, interlace
-
-
-def read_png_text(path) -> dict[str, str]:
-    """The text entries (tEXt, zTXt, iTXt compressed or not) of any PNG file."""
-    text, chunks = {}, _read_chunks(path)
+def _open_regular(path):
+    """An open binary file for `path`, refused unless it is a regular file: reading a FIFO would
+    wait forever for a writer, /dev/zero or /dev/urandom never end, a directory cannot be read.
+    Checked before opening (a device is not even opened) and again on the open file, which was
+    opened non-blocking so that a FIFO swapped in between cannot hang the open itself."""
+    import stat
+    what = lambda mode: ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                         else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                         else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
     try:
-        for kind, body in chunks:
-            if kind == b"tEXt":
-                key, value = body.split(b"\0", 1)
-                text[key.decode("latin-1")] = value.decode("latin-1")
-            elif kind == b"zTXt":
-                key, value = body.split(b"\0", 1)  # value: compression method (0) then zlib data
-                text[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
-            elif kind == b"iTXt":
-                key, rest = body.split(b"\0", 1)
-                compressed, rest = rest[0], rest[2:]  # flag, method
-                _language, _translated, value = rest.split(b"\0", 2)
-                text[key.decode("latin-1")] = (zlib.decompress(value) if compressed else value).decode("utf-8")
-    except (zlib.error, ValueError, IndexError) as e:  # no "\0" separator, bad zlib data, bad UTF-8
-        raise ValueError(f"{str(path)!r} has a malformed text chunk: {e}") from e
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{str(path)!r} is {what(mode)}, not a PNG file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise type(e)(f"cannot read {str(path)!r}: {e.strerror or e}") from e
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise ValueError(f"{str(path)!r} is {what(mode)}, not a PNG file")
+    return f
+
+
+def _read_chunks(path, wanted: tuple[bytes, ...]):
+    """(IHDR fields, [(type, data), ...] of the `wanted` chunk types in file order, file size).
+
+    Checks the signature first, then each chunk's length and type; the CRC of every chunk read.
+    Other chunks are seeked over (their data is never read), the file's end is checked against
+    the size, so a truncated file is found without reading it."""
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if f.read(len(SIGNATURE)) != SIGNATURE:
+            raise ValueError(f"{str(path)!r} is not a PNG file")
+        pos, chunks, header, text_bytes = len(SIGNATURE), [], None, 0
+        for index in range(MAX_CHUNKS):
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{str(path)!r} is truncated (no IEND chunk)")
+            (length,), kind = struct.unpack(">I", head[:4]), head[4:]
+            if not kind.isalpha() or length > 2**31 - 1:  # the spec's chunk types and length limit
+                raise ValueError(f"{str(path)!r} is corrupt (chunk {index} has type {kind!r} and length {length})")
+            if pos + 12 + length > size:
+                raise ValueError(f"{str(path)!r} is truncated (in a {kind!r} chunk)")
+            if index == 0 and (kind != b"IHDR" or length != 13):
+                raise ValueError(f"{str(path)!r} has no valid IHDR chunk")
+            if (kind == b"IHDR" and index == 0) or kind == b"IEND" or kind in wanted:
+                if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                    text_bytes += length
+                    if length > 2 * MAX_TEXT or text_bytes > 2 * MAX_TOTAL_TEXT:  # compressed text: about 1:1 at worst
+                        raise ValueError(f"{str(path)!r} has more text than this reader accepts "
+                                         f"({MAX_TEXT >> 20} MiB a value, {MAX_TOTAL_TEXT >> 20} MiB in all)")
+                data, crc = f.read(length), f.read(4)
+                if struct.unpack(">I", crc)[0] != zlib.crc32(kind + data):
+                    raise ValueError(f"{str(path)!r} is corrupt (CRC mismatch in a {kind!r} chunk)")
+                if kind == b"IHDR":
+                    header = struct.unpack(">IIBBBBB", data)  # width, height, depth, color, compression, filter, interlace
+                elif kind == b"IEND":
+                    return header, chunks, size
+                else:
+                    chunks.append((kind, data))
+            else:
+                f.seek(length + 4, os.SEEK_CUR)
+            pos += 12 + length
+    raise ValueError(f"{str(path)!r} has more than {MAX_CHUNKS:,} chunks (this reader's limit)")
+
+
+def _inflate(data: bytes, path, key: str) -> bytes:
+    """zlib data of a text value, refused past MAX_TEXT bytes (a few MiB of zeros inflate to GiBs)."""
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(data, MAX_TEXT + 1)
+    except zlib.error as e:
+        raise ValueError(f"{str(path)!r} has a malformed text chunk {key!r}: {e}") from None
+    if len(out) > MAX_TEXT:
+        raise ValueError(f"{str(path)!r}: the text {key!r} inflates to more than {MAX_TEXT >> 20} MiB "
+                         f"(this reader's limit for one value)")
+    if not z.eof:
+        raise ValueError(f"{str(path)!r} has a malformed text chunk {key!r}: incomplete zlib data")
+    return out
+
+
+def _text(path, chunks) -> dict[str, str]:
+    text, total = {}, 0
+    for kind, body in chunks:
+        key, sep, rest = body.partition(b"\0")
+        key = key.decode("latin-1")
+        fields = rest[2:].split(b"\0", 2) if kind == b"iTXt" else None  # language, translated keyword, text
+        if not sep or (kind == b"zTXt" and not rest) or (fields is not None and (len(rest) < 2 or len(fields) < 3)):
+            raise ValueError(f"{str(path)!r} has a malformed {kind.decode()} chunk {key!r}")
+        if kind == b"tEXt":
+            value = rest
+        elif kind == b"zTXt":  # compression method (0) then zlib data
+            value = _inflate(rest[1:], path, key)
+        else:  # iTXt: compressed flag, method, then the fields
+            value = _inflate(fields[2], path, key) if rest[0] else fields[2]
+        if len(value) > MAX_TEXT or (total := total + len(value)) > MAX_TOTAL_TEXT:
+            raise ValueError(f"{str(path)!r} has more text than this reader accepts "
+                             f"({MAX_TEXT >> 20} MiB a value, {MAX_TOTAL_TEXT >> 20} MiB in all)")
+        try:
+            text[key] = value.decode("utf-8" if kind == b"iTXt" else "latin-1")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{str(path)!r} has a malformed iTXt chunk {key!r}: {e}") from None
     return text
 
 
-def read_png(path) -> np.ndarray:
-    """The pixels of an 8-bit gray / gray+alpha / RGB / RGBA non-interlaced PNG, uint8 (H, W, C)."""
-    chunks = _read_chunks(path)
-    w, h, depth, color, interlace = _header(chunks)
-    if depth != 8 or color not in CHANNELS or interlace:
-        raise ValueError(f"{str(path)!r}: only 8-bit gray/RGB/RGBA non-interlaced PNGs are supported "
-                         f"(bit depth {depth}, color type {color}, interlace {interlace})")
-    c = CHANNELS[color]
-    try:
-        raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    except zlib.error as e:
-        raise ValueError(f"{str(path)!r} has corrupt image data: {e}") from e
-    if len(raw) != h * (w * c + 1):
-        raise ValueError(f"{str(path)!r} has {len(raw)} bytes of image data, expected {h * (w * c + 1)}")
-    rows = np.frombuffer(raw, np.uint8).reshape(h, w * c + 1)
-    out = np.zeros((h, w * c), np.uint8)
-    prev = np.zeros(w * c, np.uint8)  # the row above the first one
-    for y in range(h):
-        ftype, line = rows[y, 0], rows[y, 1:]
-        if ftype == 0:    # None
-            out[y] = line
-        elif ftype == 1:  # Sub: + the byte one pixel to the left, i.e. a running sum along each channel
-            out[y] = line.reshape(w, c).cumsum(axis=0, dtype=np.uint8).reshape(-1)
-        elif ftype == 2:  # Up: + the byte above
-            out[y] = line + prev
-        elif ftype in (3, 4):  # Average, Paeth: depend on the decoded left byte, so byte by byte
-            cur, up = bytearray(line.tobytes()), prev.tobytes()
-            for x in range(w * c):
-                a = cur[x - c] if x >= c else 0       # left
-                b = up[x]                             # above
-                if ftype == 3:
-                    cur[x] = (cur[x] + ((a + b) >> 1)) & 255
-                    continue
-                d = up[x - c] if x >= c else 0        # above-left
-                pa, pb, pd = abs(b - d), abs(a - d), abs(a + b - 2 * d)  # distances of a, b, d to a + b - d
-                cur[x] = (cur[x] + (a if pa <= pb and pa <= pd else b if pb <= pd else d)) & 255
-            out[y] = np.frombuffer(cur, np.uint8)
-        else:
-            raise ValueError(f"{str(path)!r}: unknown filter type {ftype} in row {y}")
-        prev = out[y]
-    return out.reshape(h, w, c)
+def read_png_text(path) -> dict[str, str]:
+    """The text entries (tEXt, zTXt, iTXt compressed or not) of any PNG file, without reading
+    its image data. ValueError for a file that is not a readable PNG or holds more text than
+    MAX_TEXT a value / MAX_TOTAL_TEXT in all; a later entry with the same key wins."""
+    _, chunks, _ = _read_chunks(path, (b"tEXt", b"zTXt", b"iTXt"))
+    return _text(path, chunks)
 
 
 # ----------------------------------------------------------------------------- parameters
 
-SAMPLER_NAMES = {"DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler",
-                 "DPMSolverMultistepScheduler": "DPM++ 2M", "LCMScheduler": "LCM"}  # AUTOMATIC1111's names
+SAMPLER_NAMES = {"DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler",  # AUTOMATIC1111's names
+                 "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+                 "LCMScheduler": "LCM"}
 
 
 def _version() -> str:
@@ -231,29 +296,55 @@ def _quote(value) -> str:  # AUTOMATIC1111 quotes a value that would break its "
     return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ",:\n") else value
 
 
+def _short_model_name(model: str) -> str:
+    """"org/repo" and relative names as given; an absolute local path (POSIX or Windows) by its
+    last component, so a PNG does not carry the user's folder layout."""
+    for path in (PurePosixPath(model), PureWindowsPath(model)):
+        if path.is_absolute() or path.drive:
+            return path.name or model
+    return model
+
+
 def format_parameters(params: dict) -> dict[str, str]:
     """The text chunks describing how one image was made, for `save_png(path, image, text=...)`.
 
-    `params` keys (any may be missing; extra keys are kept in the JSON): prompt, negative_prompt,
-    seed, steps, guidance_scale, scheduler (class name), tgate (a TGate, a dict of gate_step,
-    sp_interval, fi_interval, warm_up, or None for plain sampling), model, width, height, dtype
-    (a torch.dtype or its name), version (default: this package's). Returns
-    {"parameters": AUTOMATIC1111's text, "mini_tgate": the same as JSON}."""
+    `params` keys (any may be missing; extra keys are kept in the JSON):
+      prompt, negative_prompt, seed, steps, guidance_scale,
+      scheduler       the scheduler's class name, e.g. "DPMSolverMultistepScheduler"
+      sampler         A1111's sampler name ("DPM++ 2M", "Euler a"); default: from `scheduler`
+      schedule_type   A1111's "Schedule type" ("Karras", "Automatic", ...)
+      tgate           a TGate, a dict of gate_step, sp_interval, fi_interval, warm_up, or None
+      model           a short name ("tiny-shapes", "org/repo"); an absolute path keeps its last part
+      model_hash      A1111's short hash (10 hex digits), model_revision: the hub commit
+      batch_size, batch_pos   written (A1111's "Batch size", "Batch pos") when batch_size > 1
+      width, height   the size of the saved image (of the grid, for a grid)
+      dtype           a torch.dtype or its name; version: default this package's
+    Returns {"parameters": AUTOMATIC1111's text, "mini_tgate": the same as JSON}. The last line of
+    `parameters` is "Key: value, Key: value, ..." in A1111's order, our keys after theirs; each
+    TGATE number is a key of its own ("TGATE gate step: 10, ..."), so readers that split the
+    line at every "," and ":" (sd-parsers does) keep every value whole."""
     p = dict(params)
     p.setdefault("version", _version())
     if dataclasses.is_dataclass(p.get("tgate")):
         p["tgate"] = dataclasses.asdict(p["tgate"])
     if p.get("dtype") is not None:
         p["dtype"] = str(p["dtype"]).removeprefix("torch.")
-    gate = p.get("tgate")
+    if p.get("model") is not None:
+        p["model"] = _short_model_name(str(p["model"]))
+    batch = p.get("batch_size") is not None and p["batch_size"] > 1
     fields = {  # "prompt\nNegative prompt: ...\nSteps: 25, Sampler: DDIM, CFG scale: 7.5, Seed: 0, ..."
         "Steps": p.get("steps"),
-        "Sampler": SAMPLER_NAMES.get(p.get("scheduler"), p.get("scheduler")),
+        "Sampler": p.get("sampler") or SAMPLER_NAMES.get(p.get("scheduler"), p.get("scheduler")),
+        "Schedule type": p.get("schedule_type"),
         "CFG scale": p.get("guidance_scale"),
         "Seed": p.get("seed"),
         "Size": f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None,
+        "Model hash": p.get("model_hash"),
         "Model": p.get("model"),
-        "TGATE": ", ".join(f"{k}={v}" for k, v in gate.items()) if gate else None,
+        "Batch size": p["batch_size"] if batch else None,
+        "Batch pos": p.get("batch_pos") if batch else None,
+        **{f"TGATE {k.replace('_', ' ')}": v for k, v in (p.get("tgate") or {}).items()},
+        "Model revision": p.get("model_revision"),
         "Dtype": p.get("dtype"),
         "Version": f"mini_tgate {p['version']}",
     }
@@ -264,27 +355,41 @@ def format_parameters(params: dict) -> dict[str, str]:
     return {"parameters": "\n".join(lines), "mini_tgate": json.dumps(p, ensure_ascii=False, default=str)}
 
 
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+
+
+def _printable(text: str, newlines: bool = True) -> str:
+    """`text` safe for a terminal: control characters (ESC starts the sequences that move the
+    cursor, clear the screen, retitle the window) shown escaped as \\x1b; newlines kept, or
+    escaped too for a single-line field."""
+    text = CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    return text if newlines else text.replace("\n", "\\n")
+
+
 def describe(path) -> str:
-    """A human-readable summary of a PNG file: size, pixel format, and its stored parameters."""
-    chunks = _read_chunks(path)
-    w, h, depth, color, interlace = _header(chunks)
-    lines = [(f"{path}: {w}x{h} (width x height), {COLOR_NAMES.get(color, f'color type {color}')}, "
-              f"{depth}-bit{', interlaced' if interlace else ''}, {os.path.getsize(path):,} bytes")]
-    text = read_png_text(path)
+    """A human-readable summary of a PNG file: size, pixel format, and its stored parameters.
+    Everything that came from the file is shown with its control characters escaped."""
+    (w, h, depth, color, _, _, interlace), chunks, size = _read_chunks(path, (b"tEXt", b"zTXt", b"iTXt"))
+    lines = [(f"{_printable(str(path), newlines=False)}: {w}x{h} (width x height), "
+              f"{COLOR_NAMES.get(color, f'color type {color}')}, {depth}-bit{', interlaced' if interlace else ''}, "
+              f"{size:,} bytes")]
+    text = _text(path, chunks)
+    params_lines = []
     try:
         params = json.loads(text.get("mini_tgate", "{}"))
-    except ValueError:
-        params = None  # not ours after all: shown as it is below
-    if isinstance(params, dict) and params:
-        text.pop("mini_tgate")
-        text.pop("parameters", None)  # the same as the JSON, in AUTOMATIC1111's format
-        for key, value in params.items():
+        for key, value in params.items() if isinstance(params, dict) else ():
             if key == "tgate":
                 value = (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
                          else "none (plain sampling)")
-            lines.append(f"  {key}: {value}")
+            params_lines.append(f"  {key}: {value}")
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to be ours: shown as it is below
+        params_lines = []
+    if params_lines:
+        text.pop("mini_tgate")
+        text.pop("parameters", None)  # the same as the JSON, in AUTOMATIC1111's format
+        lines += [_printable(line).replace("\n", "\n    ") for line in params_lines]
     for key, value in text.items():
-        lines.append(f"  {key}: " + value.replace("\n", "\n    "))
+        lines.append(f"  {_printable(key, newlines=False)}: " + _printable(value).replace("\n", "\n    "))
     if len(lines) == 1:
         lines.append("  (no text chunks)")
     return "\n".join(lines)
