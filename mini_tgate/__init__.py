@@ -7,6 +7,7 @@ from .config import ConfigError
 from .macs import count_macs
 from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler,
                          scheduler_from_config)
+from .schedulers import EulerAncestralDiscreteScheduler, SCHEDULER_NAMES, a1111_names, scheduler_by_name
 from .text_encoder import CLIPTextModel, CLIPTextOutput
 from .pipeline import load_pipeline, PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline
 from .tgate import TGate

@@ -1,4 +1,5 @@
-"""Schedulers (samplers): DDIM, LCM, Euler and DPM-Solver++ 2M, step for step as diffusers 0.42.1.
+"""Schedulers (samplers): DDIM, LCM, Euler, Euler ancestral and DPM-Solver++ 2M, step for step as
+diffusers 0.42.1.
 
 Every scheduler is built from a checkpoint's `scheduler/scheduler_config.json` (or another
 scheduler's `.config`) and is used the same way:
@@ -129,6 +130,61 @@ def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor
     return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
+MAX_TRAIN_TIMESTEPS = 100_000  # bounds the abar_t table a config makes us allocate (1000 in practice)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_config_values(name: str, config: dict):
+    """ConfigError for a value no schedule can be built from (diffusers crashes on most of them
+    later, or silently makes NaN: negative betas)."""
+    T = config["num_train_timesteps"]
+    if not _is_int(T) or not 2 <= T <= MAX_TRAIN_TIMESTEPS:
+        raise ConfigError(f"{name}: num_train_timesteps must be an integer from 2 to {MAX_TRAIN_TIMESTEPS}, got {T!r}")
+    for key in ("beta_start", "beta_end"):
+        if not _is_number(config[key]) or not 0 < config[key] < 1:
+            raise ConfigError(f"{name}: {key} must be a number in (0, 1), got {config[key]!r}")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if not isinstance(betas, (list, tuple, np.ndarray, torch.Tensor)) or len(betas) != T:
+            length = len(betas) if isinstance(betas, (list, tuple, np.ndarray, torch.Tensor)) else type(betas).__name__
+            raise ConfigError(f"{name}: trained_betas must be a list of num_train_timesteps={T} numbers, got {length}")
+        values = np.asarray(betas, dtype=object).reshape(-1)
+        if len(values) != T or not all(_is_number(b) and 0 < b < 1 for b in values.tolist()):
+            raise ConfigError(f"{name}: trained_betas must all be numbers in (0, 1)")
+    offset = config.get("steps_offset", 0)
+    if not _is_int(offset) or not 0 <= offset < T:
+        raise ConfigError(f"{name}: steps_offset must be an integer in [0, num_train_timesteps={T}), got {offset!r}")
+    positive = {"clip_sample_range", "timestep_scaling", "sigma_min", "sigma_max"}
+    for key in positive & config.keys():
+        if config[key] is not None and (not _is_number(config[key]) or config[key] <= 0):
+            raise ConfigError(f"{name}: {key} must be a positive number, got {config[key]!r}")
+    steps = config.get("original_inference_steps", 1)
+    if not _is_int(steps) or not 1 <= steps <= T:
+        raise ConfigError(f"{name}: original_inference_steps must be an integer from 1 to num_train_timesteps={T}, "
+                          f"got {steps!r}")
+    for key in ("beta_schedule", "timestep_spacing"):
+        if key in config and not isinstance(config[key], str):
+            raise ConfigError(f"{name}: {key} must be a string, got {config[key]!r}")
+
+
+def _number_list(key: str, values, most: int) -> np.ndarray:
+    """A custom timesteps/sigmas argument as float64: 1-D, 1 to `most` finite numbers."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple, np.ndarray)) or not 1 <= len(values) <= most:
+        raise ValueError(f"custom {key} must be a list of 1 to {most} numbers, got {values!r}")
+    if not all(_is_number(v) for v in (values.tolist() if isinstance(values, np.ndarray) else values)):
+        raise ValueError(f"custom {key} must be a flat list of finite numbers, got {values!r}")
+    return np.asarray(values, dtype=np.float64)
+
+
 class Scheduler:
     """What all schedulers share: the config, abar_t, and finding a timestep's step index.
 
@@ -146,13 +202,18 @@ class Scheduler:
         # like diffusers: keys that took a default are not passed on by from_config(self.config)
         self.config["_use_default_values"] = sorted(self.defaults.keys() - given.keys())
         self._require(prediction_type=PREDICTION_TYPES)
+        check_config_values(type(self).__name__, self.config)
         self.alphas_cumprod = torch.cumprod(1.0 - betas_for(self.config), dim=0)  # abar_t, float32
         self.timesteps, self.num_inference_steps, self._schedule = None, None, []
 
     @classmethod
     def from_config(cls, config: dict, **overrides):
         """Build from a scheduler_config.json dict or another scheduler's `.config`."""
-        took_default = set(config.get("_use_default_values", ()))
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise ConfigError(f"a scheduler config must be a JSON object (a dict with string keys), "
+                              f"got {type(config).__name__}")
+        took_default = config.get("_use_default_values", ())
+        took_default = set(took_default) if isinstance(took_default, (list, tuple)) else set()
         return cls(**{**{k: v for k, v in config.items() if k not in took_default}, **overrides})
 
     def _require(self, **supported):
@@ -162,10 +223,35 @@ class Scheduler:
                     f"{type(self).__name__}: {key}={self.config[key]!r} is not supported here (supported: {values})"
                 )
 
-    def _check_steps(self, n: int):
+    def _check_steps(self, n, timesteps=None, sigmas=None, supports=()):
+        """Check set_timesteps' arguments the way diffusers reads them: a step count, or else one
+        custom list (`timesteps` or `sigmas`) for the classes that take one (named in `supports`)."""
+        name, T = type(self).__name__, self.config.num_train_timesteps
+        for key, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is not None and key not in supports:
+                takes = f"it takes custom {' or '.join(supports)}" if supports else "it takes only num_inference_steps"
+                raise ValueError(f"{name} does not support custom {key}; {takes}")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give custom timesteps or custom sigmas, not both")
+        if n is not None and (timesteps is not None or sigmas is not None):
+            raise ValueError("give num_inference_steps or a custom timesteps/sigmas list, not both "
+                             "(the list's length sets the number of steps)")
+        if n is None and timesteps is None and sigmas is None:
+            raise ValueError("set_timesteps needs num_inference_steps (or a custom timesteps/sigmas list)")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T):
+            raise ValueError(f"num_inference_steps must be an integer between 1 and num_train_timesteps={T}, got {n!r}")
+
+    def _custom_timesteps(self, timesteps, integers: bool) -> np.ndarray:
+        """A custom timestep list, checked: 1 to T numbers, strictly decreasing, in [0, T-1]
+        (whole numbers when the scheduler indexes abar_t with them)."""
         T = self.config.num_train_timesteps
-        if not 1 <= n <= T:
-            raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps={T}, got {n}")
+        values = _number_list("timesteps", timesteps, T)
+        if not np.all((0 <= values) & (values <= T - 1)) or (integers and not np.all(values == np.round(values))):
+            kind = "integers" if integers else "numbers"
+            raise ValueError(f"custom timesteps must be {kind} in [0, {T - 1}] (num_train_timesteps - 1), got {timesteps!r}")
+        if np.any(np.diff(values) >= 0):
+            raise ValueError(f"custom timesteps must be strictly decreasing, got {timesteps!r}")
+        return values
 
     def _set(self, timesteps: torch.Tensor, device, num_inference_steps: int):
         self.timesteps, self.num_inference_steps = timesteps.to(device), num_inference_steps
@@ -232,10 +318,18 @@ class DDIMScheduler(Scheduler):
         self._require(thresholding=(False,))  # dynamic thresholding is for pixel-space models
         self.final_alpha_cumprod = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        self._check_steps(num_inference_steps)
-        timesteps = spaced_timesteps(self.config, num_inference_steps).round().astype(np.int64)
-        self._set(torch.from_numpy(timesteps), device, num_inference_steps)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        self._check_steps(num_inference_steps, timesteps, sigmas)
+        c, n = self.config, num_inference_steps
+        if c.timestep_spacing == "leading" and (n - 1) * (c.num_train_timesteps // n) + c.steps_offset >= c.num_train_timesteps:
+            # the last timestep would be past T - 1 (diffusers fails with an IndexError in step)
+            most = next(m for m in range(n - 1, 0, -1)
+                        if (m - 1) * (c.num_train_timesteps // m) + c.steps_offset < c.num_train_timesteps)
+            raise ValueError(f"num_inference_steps={n} with timestep_spacing='leading' and steps_offset="
+                             f"{c.steps_offset} would go past timestep {c.num_train_timesteps - 1}; "
+                             f"this scheduler config allows at most {most} steps")
+        timesteps = spaced_timesteps(c, n).round().astype(np.int64)
+        self._set(torch.from_numpy(timesteps), device, n)
 
     def step(self, model_output, timestep, sample, generator=None, eta: float = 0.0) -> StepOutput:
         if self.num_inference_steps is None:
@@ -277,10 +371,18 @@ class LCMScheduler(Scheduler):
         super().__init__(**config)
         self._require(thresholding=(False,))
 
-    def set_timesteps(self, num_inference_steps: int, device=None, original_inference_steps: int | None = None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      original_inference_steps: int | None = None, timesteps=None, sigmas=None):
+        """`timesteps`: any strictly decreasing integers in [0, T-1], as diffusers (which warns
+        when they are not on the distillation schedule; they still run)."""
+        self._check_steps(num_inference_steps, timesteps, sigmas, supports=("timesteps",))
+        if timesteps is not None:
+            custom = self._custom_timesteps(timesteps, integers=True).astype(np.int64)
+            self._set(torch.from_numpy(custom), device, len(custom))
+            return
         N = original_inference_steps or self.config.original_inference_steps
         T = self.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= N <= T:
+        if not _is_int(N) or not 1 <= num_inference_steps <= N <= T:
             raise ValueError(
                 f"LCM needs 1 <= num_inference_steps ({num_inference_steps}) <= original_inference_steps "
                 f"({N}) <= num_train_timesteps ({T})"
@@ -305,7 +407,35 @@ class LCMScheduler(Scheduler):
         return StepOutput(abar_next.sqrt() * denoised + (1 - abar_next).sqrt() * noise, denoised)
 
 
-class EulerDiscreteScheduler(Scheduler):
+class SigmaScheduler(Scheduler):
+    """What Euler and Euler ancestral share: they step x = x_vp * sqrt(1 + sigma^2), whose noise
+    level is sigma, through `.sigmas` (one per timestep, then the final one)."""
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.sigmas = torch.from_numpy(np.append(self._train_sigmas()[::-1], 0.0).astype(np.float32))
+
+    @property
+    def init_noise_sigma(self) -> torch.Tensor:
+        # diffusers' rule: sigma_max for "linspace"/"trailing", sqrt(sigma_max^2 + 1) for "leading"
+        sigma_max = self.sigmas.max()
+        return sigma_max if self.config.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample, timestep):
+        sigma = self.sigmas[self.index_of(timestep)]
+        return sample / ((sigma**2 + 1) ** 0.5)
+
+    def _x0(self, model_output, x, sigma):
+        """x_0 estimated from the model output at noise level sigma (x in float32)."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return x - sigma * model_output
+        if kind == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+        return model_output
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
     """Euler's method on the probability-flow ODE, Karras et al. 2022 (arXiv 2206.00364)
     Algorithm 2 with S_churn = 0 and no second-order correction; diffusers'
     scheduling_euler_discrete.py. In the variable x = x_vp * sqrt(1 + sigma^2), whose noise
@@ -330,45 +460,92 @@ class EulerDiscreteScheduler(Scheduler):
             interpolation_type=("linear",), use_exponential_sigmas=(False, None), use_beta_sigmas=(False, None),
             timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
         )
-        self.sigmas = torch.from_numpy(np.append(self._train_sigmas()[::-1], 0.0).astype(np.float32))
 
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        # diffusers' rule: sigma_max for "linspace"/"trailing", sqrt(sigma_max^2 + 1) for "leading"
-        sigma_max = self.sigmas.max()
-        return sigma_max if self.config.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
-
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        self._check_steps(num_inference_steps)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        """`timesteps`: strictly decreasing (fractional) timesteps in [0, T-1], sigmas
+        interpolated at them, then the final sigma. `sigmas`: the whole schedule, final sigma
+        included (n + 1 values for n steps), strictly decreasing and >= 0; the timesteps are
+        interpolated from them, as diffusers does."""
+        self._check_steps(num_inference_steps, timesteps, sigmas, supports=("timesteps", "sigmas"))
         c, train = self.config, self._train_sigmas()
-        timesteps = spaced_timesteps(c, num_inference_steps).astype(np.float32)
+        if sigmas is not None:
+            sigmas = _number_list("sigmas", sigmas, c.num_train_timesteps + 1).astype(np.float32)
+            if len(sigmas) < 2 or np.any(np.diff(sigmas) >= 0) or sigmas[-1] < 0:
+                raise ValueError("custom sigmas must be 2 or more strictly decreasing numbers >= 0, the last being "
+                                 f"the final noise level (n + 1 values for n steps), got {sigmas.tolist()!r}")
+            timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas[:-1]])
+            self.sigmas = torch.from_numpy(sigmas)
+            self._set(torch.from_numpy(timesteps.astype(np.float32)), device, len(timesteps))
+            return
+        if timesteps is not None:
+            if c.use_karras_sigmas:
+                raise ValueError("custom timesteps cannot be used with use_karras_sigmas=True (Karras' schedule "
+                                 "sets its own timesteps); give custom sigmas instead")
+            timesteps = self._custom_timesteps(timesteps, integers=False).astype(np.float32)
+        else:
+            timesteps = spaced_timesteps(c, num_inference_steps).astype(np.float32)
+        n = num_inference_steps or len(timesteps)  # "trailing" can give n + 1 timesteps (see spaced_timesteps)
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
         if c.use_karras_sigmas:
             lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
             hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
-            sigmas = karras_sigmas(lo, hi, num_inference_steps)
+            sigmas = karras_sigmas(lo, hi, n)
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
         last = 0.0 if c.final_sigmas_type == "zero" else train[0]
         self.sigmas = torch.from_numpy(np.append(sigmas, last).astype(np.float32))
-        self._set(torch.from_numpy(timesteps.astype(np.float32)), device, num_inference_steps)
-
-    def scale_model_input(self, sample, timestep):
-        sigma = self.sigmas[self.index_of(timestep)]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        self._set(torch.from_numpy(timesteps.astype(np.float32)), device, n)
 
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         i = self.index_of(timestep)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x = sample.to(torch.float32)
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = x - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
-        else:
-            x0 = model_output
+        x0 = self._x0(model_output, x, sigma)
         d = (x - x0) / sigma
         return StepOutput((x + d * (sigma_next - sigma)).to(model_output.dtype), x0)
+
+
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
+    """Euler ancestral ("Euler a"): k-diffusion's sample_euler_ancestral (Karras et al. 2022,
+    arXiv 2206.00364, with eta = 1); diffusers' scheduling_euler_ancestral_discrete.py. Each step
+    goes from sigma down to sigma_down by Euler's method, then adds fresh noise of std sigma_up,
+    split so that the variances add up to the next noise level:
+
+        sigma_up   = sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2)
+        sigma_down = sqrt(sigma_next^2 - sigma_up^2)
+        x_next     = x + (x - x0) / sigma * (sigma_down - sigma) + sigma_up z,   z ~ N(0, I)
+
+    The noise is drawn at every step (the last one too, with sigma_up = 0), as diffusers draws it,
+    so one generator gives the same images in both. Timesteps as Euler's (no Karras sigmas, no
+    custom schedules: diffusers' class takes neither).
+    """
+
+    defaults = dict(
+        **_BETAS, prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0,
+        rescale_betas_zero_snr=False,
+    )
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self._require(prediction_type=("epsilon", "v_prediction"))  # diffusers: "sample" is not implemented
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        self._check_steps(num_inference_steps, timesteps, sigmas)
+        train = self._train_sigmas()
+        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.float32)
+        sigmas = np.interp(timesteps, np.arange(len(train)), train)
+        self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+        self._set(torch.from_numpy(timesteps), device, num_inference_steps)
+
+    def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
+        i = self.index_of(timestep)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x = sample.to(torch.float32)
+        x0 = self._x0(model_output, x, sigma)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x_next = x + (x - x0) / sigma * (sigma_down - sigma)
+        noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
+        return StepOutput((x_next + noise * sigma_up).to(model_output.dtype), x0)
 
 
 class DPMSolverMultistepScheduler(Scheduler):
@@ -407,12 +584,22 @@ class DPMSolverMultistepScheduler(Scheduler):
         )
         self.sigmas, self.step_index, self.prev_x0 = None, 0, None
 
-    def set_timesteps(self, num_inference_steps: int, device=None):
-        self._check_steps(num_inference_steps)
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        """`timesteps`: strictly decreasing integers in [0, T-1] (not with Karras sigmas); sigmas
+        interpolated at them, then the final sigma, as diffusers does. No custom sigmas (diffusers'
+        class takes none)."""
+        self._check_steps(num_inference_steps, timesteps, sigmas, supports=("timesteps",))
         c, n, train = self.config, num_inference_steps, self._train_sigmas()
-        # n + 1 points with the last (t = 0 or steps_offset) dropped, except for "trailing"
-        timesteps = spaced_timesteps(c, n) if c.timestep_spacing == "trailing" else spaced_timesteps(c, n + 1)[:-1]
-        timesteps = timesteps.round()
+        if timesteps is not None:
+            if c.use_karras_sigmas:
+                raise ValueError("custom timesteps cannot be used with use_karras_sigmas=True (Karras' schedule "
+                                 "sets its own timesteps)")
+            timesteps = self._custom_timesteps(timesteps, integers=True)
+            n = len(timesteps)
+        elif c.timestep_spacing == "trailing":
+            timesteps = spaced_timesteps(c, n).round()
+        else:  # n + 1 points with the last (t = 0 or steps_offset) dropped
+            timesteps = spaced_timesteps(c, n + 1)[:-1].round()
         if c.use_karras_sigmas:
             sigmas = karras_sigmas(train[0].item(), train[-1].item(), n)
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
@@ -469,12 +656,58 @@ SCHEDULERS = {
     "lcm": LCMScheduler,
 }
 
+# Sampler names, lower-cased, as AUTOMATIC1111's web UI and this project's CLI write them: the
+# class and the config overrides each means. A1111's "Karras" schedule is diffusers'
+# use_karras_sigmas=True, and "DPM++ 2M" without it means the uniform one even when the
+# checkpoint's config turned Karras on. "euler" and "dpm++" keep the config's own sigma schedule.
+_BY_NAME = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler a": (EulerAncestralDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {}),
+    "dpm++ 2m": (DPMSolverMultistepScheduler, dict(solver_order=2, use_karras_sigmas=False)),
+    "dpm++ 2m karras": (DPMSolverMultistepScheduler, dict(solver_order=2, use_karras_sigmas=True)),
+    "lcm": (LCMScheduler, {}),
+}
+SCHEDULER_NAMES = ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM", "euler_a", "euler-a", "dpm++"]
+
+
+def scheduler_by_name(name: str, config: dict) -> Scheduler:
+    """The scheduler a sampler name (case-insensitive, A1111 spellings included) means, built
+    from `config` (a checkpoint's scheduler config or `pipe.scheduler.config`) as
+    `Class.from_config(config, **overrides)`."""
+    if not isinstance(name, str):
+        raise TypeError(f"a scheduler name must be a string, got {type(name).__name__}")
+    if name.strip().lower() not in _BY_NAME:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)} (any case)")
+    cls, overrides = _BY_NAME[name.strip().lower()]
+    return cls.from_config(config, **overrides)
+
+
+def a1111_names(scheduler: Scheduler) -> tuple[str, str]:
+    """(sampler, schedule type) as AUTOMATIC1111 writes them in a PNG's parameters, such as
+    ("DPM++ 2M", "Karras") or ("Euler a", "Automatic")."""
+    karras = "Karras" if scheduler.config.get("use_karras_sigmas") else "Automatic"
+    for cls, sampler in ((DDIMScheduler, "DDIM"), (EulerAncestralDiscreteScheduler, "Euler a"),
+                         (EulerDiscreteScheduler, "Euler"), (DPMSolverMultistepScheduler, "DPM++ 2M"),
+                         (LCMScheduler, "LCM")):
+        if isinstance(scheduler, cls):
+            return sampler, karras
+    raise TypeError(f"a1111_names takes a mini_tgate scheduler, got {type(scheduler).__name__}")
+
 
 def scheduler_from_config(config: dict) -> Scheduler:
     """The scheduler a checkpoint's scheduler_config.json names; DDIM on the same beta schedule
     (with a warning) for a class not implemented here, such as SD-1.5's PNDMScheduler."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a scheduler config must be a JSON object, got {type(config).__name__}")
     name = config.get("_class_name", "DDIMScheduler")
-    cls = {c.__name__: c for c in SCHEDULERS.values()}.get(name)
+    if not isinstance(name, str):
+        raise ConfigError(f"the scheduler config's _class_name must be a string, got {name!r}")
+    classes = [*SCHEDULERS.values(), EulerAncestralDiscreteScheduler]
+    cls = {c.__name__: c for c in classes}.get(name)
     if cls is None:
         warnings.warn(f"{name} is not implemented in mini_tgate; using DDIMScheduler with its beta schedule")
         cls = DDIMScheduler

@@ -82,6 +82,11 @@ CASES = [
     ("dpm-heun-sample", "DPMSolverMultistepScheduler", {**LINEAR, "solver_type": "heun", "prediction_type": "sample"}, {}),
     ("dpm-order1", "DPMSolverMultistepScheduler", {**SD15, "solver_order": 1}, {}),
     ("dpm-zero-snr", "DPMSolverMultistepScheduler", {**SD15, **ZERO_SNR}, {}),
+    ("euler-a-sdxl", "EulerAncestralDiscreteScheduler", SDXL, {}),
+    ("euler-a-linspace", "EulerAncestralDiscreteScheduler", {**SD15, "timestep_spacing": "linspace"}, {}),
+    ("euler-a-trailing-v", "EulerAncestralDiscreteScheduler", {**SD21, "timestep_spacing": "trailing"}, {}),
+    ("euler-a-defaults", "EulerAncestralDiscreteScheduler", {}, {}),
+    ("euler-a-zero-snr", "EulerAncestralDiscreteScheduler", {**SDXL, **ZERO_SNR}, {}),
 ]
 
 
@@ -99,10 +104,14 @@ def reference_x0(theirs, out):
     return theirs.model_outputs[-1]  # DPM-Solver keeps its converted model output (x0) there
 
 
-def run(ours, theirs, n, **step_kwargs):
-    """Sample n steps with both; check timesteps, init_noise_sigma; return the max abs differences."""
-    ours.set_timesteps(n)
-    theirs.set_timesteps(n)
+def run(ours, theirs, n, schedule=None, **step_kwargs):
+    """Sample n steps with both (or the custom `schedule`, set_timesteps' keyword arguments);
+    check timesteps, init_noise_sigma; return the max abs differences."""
+    ours.set_timesteps(**(schedule or {"num_inference_steps": n}))
+    theirs.set_timesteps(**(schedule or {"num_inference_steps": n}))
+    assert ours.num_inference_steps == theirs.num_inference_steps
+    assert schedule is None or ours.num_inference_steps == len(ours.timesteps)
+    assert torch.equal(ours.sigmas, theirs.sigmas) if hasattr(theirs, "sigmas") else True
     assert torch.equal(ours.timesteps, theirs.timesteps)
     assert ours.timesteps.dtype == theirs.timesteps.dtype
     assert torch.equal(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(theirs.init_noise_sigma))
@@ -171,7 +180,8 @@ def test_scheduler_from_config_picks_the_named_class(config):
 
 
 @pytest.mark.parametrize("source", [SD15, SD21, SDXL, LCM], ids=["pndm", "ddim", "euler", "lcm"])
-@pytest.mark.parametrize("target", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "LCMScheduler"])
+@pytest.mark.parametrize("target", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "LCMScheduler",
+                                    "EulerAncestralDiscreteScheduler"])
 def test_from_another_schedulers_config(source, target):
     """`Target.from_config(pipe.scheduler.config)` as in diffusers: keys the source config took
     as defaults (not in its json) take the target's defaults instead."""
@@ -223,10 +233,11 @@ def test_names():
     }
 
 
-@pytest.mark.parametrize("cls", list(S.SCHEDULERS.values()), ids=list(S.SCHEDULERS))
+@pytest.mark.parametrize("cls", [*S.SCHEDULERS.values(), S.EulerAncestralDiscreteScheduler],
+                         ids=[*S.SCHEDULERS, "euler-a"])
 def test_bad_arguments(cls):
     sched = cls.from_config(SD15)
-    for n in (0, -1, 1001):
+    for n in (0, -1, 1001, True, 4.0, "4", None):
         with pytest.raises(ValueError, match="num_inference_steps"):
             sched.set_timesteps(n)
     with pytest.raises(ValueError, match="beta_schedule"):
