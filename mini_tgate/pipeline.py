@@ -14,15 +14,20 @@ branch runs alone and its prediction is used as it is (the reference's choice).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, read_json, resolve
+from .checkpoint import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .text_encoder import CLIPTextModel
 from .tgate import TGate, plan
@@ -32,6 +37,15 @@ from .vae import AutoencoderKL
 
 SD_CLASSES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
 SDXL_CLASSES = ("StableDiffusionXLPipeline",)
+
+# Bounds on what one call may allocate. SD is trained at 512-768 px and SDXL at 1024 px; 8192 px
+# per side is 8x beyond that (one 8192x8192 image already needs tens of GB in the UNet), and 256
+# images in one batch is more than any GPU holds at 512 px: call again for more.
+MAX_SIDE = 8192
+MAX_BATCH = 256
+MAX_STEPS = 1000  # custom timesteps/sigmas: at most one per training timestep
+# the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`)
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 
 @dataclass
@@ -62,6 +76,42 @@ def guidance_embedding(w: torch.Tensor, dim: int, dtype) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_embeds(x, name: str, ndim: int):
+    if not isinstance(x, torch.Tensor) or x.ndim != ndim or not x.is_floating_point():
+        shape = "(batch, tokens, features)" if ndim == 3 else "(batch, features)"
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating-point tensor {shape}, got {got}")
+
+
+def half_hint(dtype: torch.dtype) -> str:
+    """What to try when a run overflows: only half precision has a cheaper cure than new weights."""
+    if dtype == torch.float16:
+        return "; float16 overflows easily: try dtype=torch.bfloat16 or torch.float32"
+    if dtype == torch.bfloat16:
+        return "; try dtype=torch.float32"
+    return ""
+
+
+@contextmanager
+def on_device(models: list, device):
+    """Model CPU offload: the models on `device` for the block, back on the CPU after it.
+    device None: leave them where they are."""
+    if device is None:
+        yield
+        return
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
 def as_list(x, name: str) -> list[str]:
     if isinstance(x, str):
         return [x]
@@ -74,11 +124,65 @@ class StableDiffusionPipeline:
     """SD 1.x / 2.x text-to-image (and LCM, whose UNet takes guidance as an embedding)."""
 
     default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL
+    extra_call_args = ()  # keyword arguments of __call__ that only encode_prompt reads (SDXL's)
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: Scheduler):
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
             unet, vae, text_encoder, tokenizer, scheduler
+        self.model_info: dict = {}       # set by load_pipeline: name, folder, revision of the checkpoint
+        self.progress_bar_config = {"disable": True}  # tqdm options; quiet unless asked
+        self.offload_device: torch.device | None = None  # see enable_model_cpu_offload
+        # The lock of one generation at a time (see exclusive_call), and the thread holding it.
+        self.call_lock, self.call_owner = threading.Lock(), None
+        self._interrupt = False  # diffusers' early stop, set by a step callback
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs) -> "StableDiffusionPipeline":
+        """diffusers' spelling of load_pipeline, refusing a checkpoint of another pipeline class."""
+        return load_pipeline(source, **kwargs, pipeline_class=cls)
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def text_encoders(self) -> list:
+        return [self.text_encoder]
+
+    def models(self) -> list:
+        return [self.unet, self.vae, *self.text_encoders()]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusionPipeline":
+        """Move every model (diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, or both);
+        the VAE stays in float32 in float16 when its config says force_upcast, as load_pipeline
+        does."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device if dtype is None else dtype
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        with self.exclusive_call():  # not under a running generation
+            for m in self.models():
+                m.to(device=device, dtype=dtype)
+            if self.vae.needs_upcast:
+                self.vae.float()
+            if device is not None:
+                self.offload_device = None
+        return self
+
+    def enable_model_cpu_offload(self, device="cuda") -> None:
+        """Keep the weights on the CPU; each part (text encoders, UNet, VAE) moves to `device` only
+        while it runs, then back: the GPU holds one part at a time. Explicit moves in the call,
+        not hooks (see on_device)."""
+        device = torch.device(device)
+        with self.exclusive_call():
+            for m in self.models():
+                m.to("cpu")
+            self.offload_device = device
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising loop's bar, as diffusers: disable=False shows it (the
+        default here is quiet); a call's `progress=True/False` overrides `disable`."""
+        self.progress_bar_config = {"disable": False, **kwargs} if "disable" not in kwargs else dict(kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -113,132 +217,296 @@ class StableDiffusionPipeline:
 
     # ----------------------------------------------------------------------------- prompts
 
-    def tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
         for prompt, dropped in zip(prompts, tokenizer.dropped_text(prompts)):
             if dropped:
                 warnings.warn(f"prompt longer than {tokenizer.model_max_length} tokens; "
                               f"this part was dropped: {dropped!r}")
-        return tokenizer(prompts).to(self.device)
+        return tokenizer(prompts).to(device)
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None, cfg: bool,
-                      height: int, width: int) -> tuple[dict, dict | None]:
-        """UNet conditioning of the prompts and, with CFG, of the negative prompts ("" when none)."""
-        def embed(texts):
-            return self.text_encoder(self.tokenize(self.tokenizer, texts)).last_hidden_state.to(self.dtype)
+    def check_embeddings(self, n_prompts: int, prompt_embeds, negative_prompt_embeds, conditioning: dict):
+        """Given text embeddings: the UNet's width, one row per prompt, both of one shape."""
+        width = self.unet.config.cross_attention_dim
+        width = width if isinstance(width, int) else width[0]
+        for name, x in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if x is not None:
+                check_embeds(x, name, 3)
+                if x.shape[0] != n_prompts or x.shape[2] != width:
+                    raise ValueError(f"{name} must have shape ({n_prompts}, tokens, {width}) (one row per "
+                                     f"prompt, the UNet's cross_attention_dim), got {tuple(x.shape)}")
+        if prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
 
-        cond = {"encoder_hidden_states": embed(prompts)}  # (B, 77, D)
-        uncond = {"encoder_hidden_states": embed(negatives or [""] * len(prompts))} if cfg else None
-        return cond, uncond
+    def encode_prompt(self, prompts: list[str] | None, negatives: list[str] | None, cfg: bool, height: int,
+                      width: int, device, prompt_embeds=None, negative_prompt_embeds=None,
+                      clip_skip: int | None = None) -> tuple[dict, dict | None]:
+        """UNet conditioning of the prompts and, with CFG, of the negative prompts ("" when none);
+        embeddings given are used as they are. clip_skip (diffusers'): the text encoder's state
+        clip_skip layers before the last, then its final layer norm; as in diffusers, it applies to
+        the prompts only, not to the negative prompts."""
+        def embed(texts, skip=None):
+            out = self.text_encoder(self.tokenize(self.tokenizer, texts, device), output_hidden_states=skip is not None)
+            if skip is None:
+                return out.last_hidden_state
+            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-(skip + 1)])
+
+        states = embed(prompts, clip_skip) if prompt_embeds is None else prompt_embeds
+        cond = {"encoder_hidden_states": states.to(device, self.dtype)}  # (B, 77, D)
+        if not cfg:
+            return cond, None
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = embed(negatives or [""] * states.shape[0])
+        return cond, {"encoder_hidden_states": negative_prompt_embeds.to(device, self.dtype)}
 
     # ----------------------------------------------------------------------------- generation
 
     def check_inputs(self, prompts, negatives, steps, guidance_scale, height, width, num_images_per_prompt,
-                     output_type):
+                     output_type, generator=None, latents=None, guidance_rescale=0.0, eta=0.0, batch=None):
+        """Every argument checked before anything is encoded or allocated."""
         f = self.vae_scale_factor
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (height, width)) \
                 or height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of {f}, got {height!r}x{width!r}")
+        if max(height, width) > MAX_SIDE:
+            raise ValueError(f"height and width must be at most {MAX_SIDE} pixels (SDXL is trained at 1024, "
+                             f"SD at 512-768), got {height}x{width}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not is_number(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+        if not is_number(eta) or not 0 <= eta < math.inf:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        if negatives is not None and len(negatives) != len(prompts):
+        if negatives is not None and prompts is not None and len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if output_type not in ("np", "latent", "pil", "pt"):
             raise ValueError(f"output_type must be 'np', 'pt', 'latent' or 'pil', got {output_type!r}")
+        if batch is not None and batch > MAX_BATCH:
+            raise ValueError(f"prompts x num_images_per_prompt must be at most {MAX_BATCH} images per call "
+                             f"(call again for more), got {batch}")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"generator is a list of {len(generator)} generators for a batch of {batch} "
+                                 "images; give one per image, or a single torch.Generator")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator or a list of them")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor (torch.from_numpy converts a numpy array), "
+                            f"got {type(latents).__name__}")
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None,
                  latents: torch.Tensor | None = None, tgate: TGate | None = None, output_type: str = "np",
-                 guidance_rescale: float = 0.0, eta: float = 0.0, progress: bool = False,
+                 guidance_rescale: float = 0.0, eta: float = 0.0, progress: bool | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 clip_skip: int | None = None, timesteps: list | None = None, sigmas: list | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  **conditioning) -> PipelineOutput:
+        """Text to images. Thread-safe: concurrent calls on one pipeline run one at a time (see
+        `call_lock` in __init__); each works on its own copy of the scheduler.
+
+        `callback_on_step_end(pipe, i, t, tensors) -> dict` runs after each step with the tensors
+        named in `callback_on_step_end_tensor_inputs`; those it returns replace the loop's. Setting
+        `pipe._interrupt = True` (diffusers' way) skips the remaining steps and decodes the
+        current latents; the flag is reset when the next call starts."""
+        name = type(self).__name__
+        for key in conditioning:  # SDXL's extra arguments are the only ones allowed through
+            if key not in self.extra_call_args:
+                raise TypeError(f"{name}.__call__() got an unexpected keyword argument {key!r}")
+        # Everything another thread could change is read once, here: a swap mid-call changes nothing.
+        unet, vae, bar_config, offload = self.unet, self.vae, dict(self.progress_bar_config), self.offload_device
+        scheduler = copy.deepcopy(self.scheduler)  # its timesteps and step state belong to this call
+        device = offload or self.device
         f = self.vae_scale_factor
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
-        prompts = as_list(prompt, "prompt")
+        height = unet.config.sample_size * f if height is None else height
+        width = unet.config.sample_size * f if width is None else width
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("prompt must be given, or prompt_embeds instead: exactly one of them")
+        prompts = None if prompt is None else as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)  # one negative prompt for every prompt
+        if prompt_embeds is not None:
+            check_embeds(prompt_embeds, "prompt_embeds", 3)
+        n_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if negatives is not None and len(negatives) == 1 and n_prompts > 1:
+            negatives = negatives * n_prompts  # one negative prompt for every prompt
+        batch = n_prompts * num_images_per_prompt if isinstance(num_images_per_prompt, int) else None
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, height, width,
-                          num_images_per_prompt, output_type)
+                          num_images_per_prompt, output_type, generator, latents, guidance_rescale, eta, batch)
+        self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
         if tgate is not None and not isinstance(tgate, TGate):
             raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                      or not 0 <= clip_skip < self.text_encoder.config.num_hidden_layers):
+            raise ValueError(f"clip_skip must be None or an integer in [0, "
+                             f"{self.text_encoder.config.num_hidden_layers - 1}], got {clip_skip!r}")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give timesteps or sigmas, not both")
+        custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+        for key, values in custom.items():
+            if key not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise ValueError(f"{type(scheduler).__name__} does not take custom {key}")
+            if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_STEPS:
+                raise ValueError(f"{key} must be a list of 1 to {MAX_STEPS} numbers, got {values!r}")
+        callback_inputs = list(callback_on_step_end_tensor_inputs or ())
+        unknown = [k for k in callback_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSOR_INPUTS)}; "
+                             f"got {', '.join(map(repr, unknown))}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable")
+        lcm = unet.config.time_cond_proj_dim is not None
+        cfg = guidance_scale > 1 and not lcm
+        shape = (batch, unet.config.in_channels, height // f, width // f)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if latents is not None and not torch.isfinite(latents).all():
+            raise FloatingPointError("the latents you passed contain NaN or inf")
+
+        with self.exclusive_call():
+            return self.generate(
+                unet, vae, scheduler, device, offload, bar_config if progress is None else {**bar_config, "disable": not progress},
+                prompts, negatives, prompt_embeds, negative_prompt_embeds, clip_skip, conditioning,
+                num_images_per_prompt, guidance_scale, guidance_rescale, eta, cfg, lcm, height, width, shape,
+                generator, latents, tgate, custom, num_inference_steps, output_type, callback_on_step_end,
+                callback_inputs)
+
+    @contextmanager
+    def exclusive_call(self):
+        """Hold the call lock. The UNet's attention modules hold the TGATE gate and caches, and
+        offloading moves the models: one call at a time may use them. A call from inside a call
+        (a step callback calling the pipeline) would clear the caches of the call it interrupts:
+        refused rather than deadlocked."""
+        if self.call_owner == threading.get_ident():
+            raise RuntimeError(f"{type(self).__name__} was called from inside one of its own calls (a step "
+                               "callback?); that would overwrite the running call's attention caches")
+        with self.call_lock:
+            self.call_owner, self._interrupt = threading.get_ident(), False
+            try:
+                yield
+            finally:
+                self.call_owner = None
+
+    def generate(self, unet, vae, scheduler, device, offload, bar_config, prompts, negatives, prompt_embeds,
+                 negative_prompt_embeds, clip_skip, conditioning, n, guidance_scale, guidance_rescale, eta, cfg,
+                 lcm, height, width, shape, generator, latents, tgate, custom, num_inference_steps, output_type,
+                 callback, callback_inputs) -> PipelineOutput:
+        """The body of a call, its arguments checked, under the call lock."""
         timings, start = {}, time.perf_counter()
+        dtype = unet.conv_in.weight.dtype
 
         # 1. Conditioning. CFG doubles the batch, unless the UNet takes guidance as an embedding (LCM).
-        lcm = self.unet.config.time_cond_proj_dim is not None
-        cfg = guidance_scale > 1 and not lcm
-        cond, uncond = self.encode_prompt(prompts, negatives, cfg, height, width, **conditioning)
-        n = num_images_per_prompt
+        with on_device(self.text_encoders(), offload):
+            cond, uncond = self.encode_prompt(prompts, negatives, cfg, height, width, device=device,
+                                              prompt_embeds=prompt_embeds,
+                                              negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+                                              **conditioning)
+        for what, c in (("the prompt", cond), ("the negative prompt", uncond)):
+            if c is not None and not torch.isfinite(c["encoder_hidden_states"]).all():
+                given = prompt_embeds is not None if c is cond else negative_prompt_embeds is not None
+                raise FloatingPointError(f"the text embeddings of {what} contain NaN or inf: "
+                                         + ("the embeddings you passed" if given else
+                                            "the text encoder's weights produce them" + half_hint(dtype)))
         cond = {k: repeat_images(v, n) for k, v in cond.items()}
         uncond = {k: repeat_images(v, n) for k, v in uncond.items()} if cfg else None
-        batch = len(prompts) * n
+        batch = shape[0]
         if lcm:
             w = torch.full((batch,), guidance_scale - 1.0)
-            cond["timestep_cond"] = guidance_embedding(w, self.unet.config.time_cond_proj_dim,
-                                                       torch.float32).to(self.device, self.dtype)
-        doubled = batch_cat(uncond, cond) if cfg else None
-        single = uncond if cfg else cond  # after the gate, CFG is dropped: the unconditional branch alone
+            cond["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim,
+                                                       torch.float32).to(device, dtype)
         timings["text"] = time.perf_counter() - start
 
         # 2. Initial noise, drawn as diffusers draws it.
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        if custom:
+            scheduler.set_timesteps(len(next(iter(custom.values()))), device=device, **custom)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
-            latents = randn_tensor(shape, generator, self.device, self.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+            latents = randn_tensor(shape, generator, device, dtype)
+        latents = latents.to(device, dtype) * scheduler.init_noise_sigma
 
         # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
-        timesteps = self.scheduler.timesteps
+        timesteps = scheduler.timesteps
         steps = plan(tgate, len(timesteps), cfg)
-        extra = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
+        extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
         report = []
         start = time.perf_counter()
-        bar = progress_bar(len(timesteps), progress)
+        bar = progress_bar(len(timesteps), bar_config)
         try:
-            for i, (t, step) in enumerate(zip(timesteps, steps)):
-                self.unet.set_gate(step)
-                x, kw = (torch.cat([latents, latents]), doubled) if step.cfg else (latents, single)
-                noise = self.unet(self.scheduler.scale_model_input(x, t), t, **kw)
-                if step.cfg:
-                    noise_uncond, noise_text = noise.chunk(2)
-                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                    if guidance_rescale > 0:
-                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale)
-                latents = self.scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
-                report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
-                               "self_attn": step.self_attn, "batch": x.shape[0]})
-                if bar is not None:
-                    bar.update()
+            with on_device([unet], offload):
+                doubled = batch_cat(uncond, cond) if cfg else None
+                single = uncond if cfg else cond  # after the gate, CFG is dropped: the unconditional branch alone
+                for i, (t, step) in enumerate(zip(timesteps, steps)):
+                    unet.set_gate(step)
+                    x, kw = (torch.cat([latents, latents]), doubled) if step.cfg else (latents, single)
+                    noise = unet(scheduler.scale_model_input(x, t), t, **kw)
+                    if not torch.isfinite(noise).all():
+                        raise FloatingPointError(f"the UNet's noise prediction at step {i} contains NaN or inf: "
+                                                 "its weights produce them" + half_hint(dtype))
+                    if step.cfg:
+                        noise_uncond, noise_text = noise.chunk(2)
+                        noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                        if guidance_rescale > 0:
+                            noise = rescale_noise_cfg(noise, noise_text, guidance_rescale)
+                        if not torch.isfinite(noise).all():
+                            raise FloatingPointError(f"guidance_scale={guidance_scale} and guidance_rescale="
+                                                     f"{guidance_rescale} produced NaN or inf at step {i}")
+                    latents = scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
+                    if not torch.isfinite(latents).all():
+                        raise FloatingPointError(f"the {type(scheduler).__name__} step {i} produced NaN or inf"
+                                                 + (f" (eta={eta})" if extra else "") + half_hint(dtype))
+                    report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
+                                   "self_attn": step.self_attn, "batch": x.shape[0]})
+                    if bar is not None:
+                        bar.update()
+                    if callback is not None:
+                        tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"],
+                                   "negative_prompt_embeds": uncond and uncond["encoder_hidden_states"]}
+                        out = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                        latents = out.get("latents", latents)
+                        if "prompt_embeds" in out or "negative_prompt_embeds" in out:
+                            cond = {**cond, "encoder_hidden_states": out.get("prompt_embeds", tensors["prompt_embeds"])}
+                            if cfg:
+                                uncond = {**uncond, "encoder_hidden_states": out.get("negative_prompt_embeds",
+                                                                                     tensors["negative_prompt_embeds"])}
+                            doubled = batch_cat(uncond, cond) if cfg else None
+                            single = uncond if cfg else cond
+                    if self._interrupt:  # diffusers' clean early stop: decode what there is
+                        break
         finally:
-            self.unet.clear_gate()  # no cache outlives the call
+            unet.clear_gate()  # no cache outlives the call
             if bar is not None:
                 bar.close()
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError("the latents contain NaN or inf: the UNet overflowed; try "
-                                     "dtype=torch.bfloat16 or torch.float32")
         timings["denoise"] = time.perf_counter() - start
 
         # 4. Decode.
         start = time.perf_counter()
-        images = latents if output_type == "latent" else self.decode(latents, output_type)
+        if output_type == "latent":
+            images = latents
+        else:
+            with on_device([vae], offload):
+                images = self.decode(latents, output_type, vae)
         timings["decode"] = time.perf_counter() - start
         return PipelineOutput(images, report, timings)
 
-    def decode(self, latents: torch.Tensor, output_type: str = "np"):
+    def decode(self, latents: torch.Tensor, output_type: str = "np", vae: AutoencoderKL | None = None):
         """Latents -> images in [0, 1]; the VAE runs in its own dtype (float32 when force_upcast)."""
-        image = self.vae.decode(self.vae.unscale_latents(latents.to(self.vae.dtype)))
+        vae = vae or self.vae
+        image = vae.decode(vae.unscale_latents(latents.to(vae.dtype)))
         if not torch.isfinite(image).all():
-            raise FloatingPointError("the decoded image contains NaN or inf: the VAE overflowed; load "
-                                     "the VAE in float32 (its force_upcast) or use dtype=torch.bfloat16")
+            hint = ("; load the VAE in float32 (its force_upcast)" if vae.dtype == torch.float16
+                    else half_hint(vae.dtype))
+            raise FloatingPointError("the decoded image contains NaN or inf: the VAE's weights produce them" + hint)
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return image
@@ -253,6 +521,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """SDXL: two text encoders, pooled text and image-size conditioning through `time_ids`."""
 
     default_guidance_scale = 5.0
+    extra_call_args = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+                       "original_size", "target_size", "crops_coords_top_left")
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2: CLIPTextModel,
                  tokenizer_2: CLIPTokenizer, force_zeros_for_empty_prompt: bool = True):
@@ -260,34 +530,71 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
 
-    def encode_prompt(self, prompts, negatives, cfg, height, width, original_size=None, target_size=None,
-                      crops_coords_top_left=(0, 0)):
-        def embed(texts):  # both encoders' penultimate states side by side; pooled from the second
-            states, pooled = [], None
-            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                out = encoder(self.tokenize(tokenizer, texts), output_hidden_states=True)
-                states.append(out.hidden_states[-2])
-                pooled = out.text_embeds
-            return torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype)  # (B, 77, 768+1280), (B, 1280)
+    def check_embeddings(self, n_prompts, prompt_embeds, negative_prompt_embeds, conditioning):
+        super().check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        for embeds, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
+                               ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
+            given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}[embeds]
+            x = conditioning.get(pooled)
+            if (given is None) != (x is None):
+                raise ValueError(f"give {pooled} with {embeds} (diffusers' rule), or neither")
+            if x is not None:
+                check_embeds(x, pooled, 2)
+                if x.shape[0] != n_prompts:
+                    raise ValueError(f"{pooled} must have {n_prompts} rows (one per prompt), got {tuple(x.shape)}")
+        for name in ("prompt_2", "negative_prompt_2"):
+            if conditioning.get(name) is not None and len(as_list(conditioning[name], name)) not in (1, n_prompts):
+                raise ValueError(f"{name} must be one prompt or one per prompt ({n_prompts})")
 
+    def text_encoders(self) -> list:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def encode_prompt(self, prompts, negatives, cfg, height, width, device, prompt_embeds=None,
+                      negative_prompt_embeds=None, clip_skip=None, prompt_2=None, negative_prompt_2=None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                      target_size=None, crops_coords_top_left=(0, 0)):
+        """prompt_2 / negative_prompt_2 go to the second text encoder (default: the same texts).
+        clip_skip picks an earlier state than the penultimate one, for the prompts only (diffusers)."""
+        def embed(texts, texts_2, skip=0):  # both encoders' penultimate states side by side; pooled from the second
+            states, pooled = [], None
+            for tokenizer, encoder, t in ((self.tokenizer, self.text_encoder, texts),
+                                          (self.tokenizer_2, self.text_encoder_2, texts_2)):
+                out = encoder(self.tokenize(tokenizer, t, device), output_hidden_states=True)
+                states.append(out.hidden_states[-(skip + 2)])
+                pooled = out.text_embeds
+            return torch.cat(states, dim=-1), pooled  # (B, 77, 768+1280), (B, 1280)
+
+        def second(texts, first):  # prompt_2: one text for all, one per prompt, or the first texts
+            texts = first if texts is None else as_list(texts, "prompt_2")
+            return texts * len(first) if len(texts) == 1 else texts
+
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = embed(prompts, second(prompt_2, prompts), clip_skip or 0)
+        batch = prompt_embeds.shape[0]
         # time ids: (original size, crop top-left, target size), SDXL's micro-conditioning
         sizes = (*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width)))
-        time_ids = torch.tensor([sizes], dtype=self.dtype, device=self.device).repeat(len(prompts), 1)
+        time_ids = torch.tensor([sizes], dtype=self.dtype, device=device).repeat(batch, 1)
         expected = self.unet.config.projection_class_embeddings_input_dim
         got = 6 * self.unet.config.addition_time_embed_dim + self.text_encoder_2.config.projection_dim
         if got != expected:
             raise ValueError(f"the UNet expects {expected} pooled+time features, the text encoder gives {got}")
 
-        states, pooled = embed(prompts)
-        cond = {"encoder_hidden_states": states, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        def conditioning(states, pooled):
+            return {"encoder_hidden_states": states.to(device, self.dtype),
+                    "added_cond_kwargs": {"text_embeds": pooled.to(device, self.dtype), "time_ids": time_ids}}
+
+        cond = conditioning(prompt_embeds, pooled_prompt_embeds)
         if not cfg:
             return cond, None
-        if negatives is None and self.force_zeros_for_empty_prompt:
-            neg_states, neg_pooled = torch.zeros_like(states), torch.zeros_like(pooled)
-        else:
-            neg_states, neg_pooled = embed(negatives or [""] * len(prompts))
-        return cond, {"encoder_hidden_states": neg_states,
-                      "added_cond_kwargs": {"text_embeds": neg_pooled, "time_ids": time_ids}}
+        if negative_prompt_embeds is None:
+            if negatives is None and self.force_zeros_for_empty_prompt:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+            else:
+                negatives = negatives or [""] * batch
+                negative_prompt_embeds, negative_pooled_prompt_embeds = embed(
+                    negatives, second(negative_prompt_2, negatives))
+        return cond, conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds)
 
 
 def repeat_images(x, n: int):
@@ -297,40 +604,62 @@ def repeat_images(x, n: int):
     return x.repeat_interleave(n, dim=0)
 
 
-def progress_bar(total: int, enabled: bool):
-    if not enabled:
+def progress_bar(total: int, config: dict):
+    """A tqdm bar over the steps with the pipeline's options (set_progress_bar_config), or None."""
+    if config.get("disable", True):
         return None
     from tqdm.auto import tqdm  # comes with huggingface-hub
 
-    return tqdm(total=total, unit="step")
+    return tqdm(total=total, **{"unit": "step", **config})
 
 
-def load_pipeline(source, device="cpu", dtype: torch.dtype = torch.float32, variant: str | None = None,
-                  local_files_only: bool = False, cache_dir=None) -> StableDiffusionPipeline:
-    """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id), chosen by
-    its model_index.json. The VAE stays in float32 when dtype is float16 and its config says
-    force_upcast (the SDXL VAE overflows in float16)."""
-    folder = resolve(source, variant, local_files_only, cache_dir)
+def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
+                  local_files_only: bool = False, cache_dir=None, revision: str | None = None,
+                  torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None
+                  ) -> StableDiffusionPipeline:
+    """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
+    on the hub), chosen by its model_index.json. dtype (diffusers' name, torch_dtype, is an alias)
+    defaults to float32. The VAE stays in float32 when dtype is float16 and its config says
+    force_upcast (the SDXL VAE overflows in float16). `pipeline_class`: refuse any other class
+    (what Class.from_pretrained passes)."""
+    dtype = pick_dtype(dtype, torch_dtype)
+    folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
     index = read_json(folder / "model_index.json")
     name = index.get("_class_name")
     if name not in SD_CLASSES + SDXL_CLASSES:
         raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported "
                               f"(supported: {', '.join(SD_CLASSES + SDXL_CLASSES)})")
+    cls = StableDiffusionPipeline if name in SD_CLASSES else StableDiffusionXLPipeline
+    if pipeline_class is not None and cls is not pipeline_class:
+        raise CheckpointError(f"{source}: a {cls.__name__} checkpoint ({name}), not a {pipeline_class.__name__} "
+                              f"one; use {cls.__name__}.from_pretrained or load_pipeline")
     kw = dict(dtype=dtype, device=device, variant=variant)
+
+    def text_parts(suffix=""):  # a tokenizer and its text encoder, checked to fit each other
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer" + suffix)
+        encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder" + suffix, **kw)
+        positions = encoder.config.max_position_embeddings
+        if tokenizer.model_max_length > positions:
+            raise CheckpointError(f"{folder / ('tokenizer' + suffix)}: model_max_length "
+                                  f"{tokenizer.model_max_length} is more than the {positions} positions "
+                                  f"(max_position_embeddings) of text_encoder{suffix}")
+        return tokenizer, encoder
+
+    tokenizer, text_encoder = text_parts()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     if vae.needs_upcast:
         vae.float()
-    parts = dict(
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
-        vae=vae,
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        scheduler=scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")),
-    )
-    if name in SD_CLASSES:
-        return StableDiffusionPipeline(**parts)
-    return StableDiffusionXLPipeline(
-        **parts,
-        text_encoder_2=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder_2", **kw),
-        tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
-        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    parts = dict(unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw), vae=vae,
+                 text_encoder=text_encoder, tokenizer=tokenizer,
+                 scheduler=scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")))
+    if cls is StableDiffusionPipeline:
+        pipe = StableDiffusionPipeline(**parts)
+    else:
+        tokenizer_2, text_encoder_2 = text_parts("_2")
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    # where the weights came from (the CLI writes it into PNGs): never an absolute local path
+    local = Path(source).expanduser().is_dir()
+    pipe.model_info = {"name": folder.name if local else str(source), "folder": folder,
+                       "revision": snapshot_commit(folder)}
+    return pipe
