@@ -321,13 +321,15 @@ class DDIMScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         self._check_steps(num_inference_steps, timesteps, sigmas)
         c, n = self.config, num_inference_steps
-        if c.timestep_spacing == "leading" and (n - 1) * (c.num_train_timesteps // n) + c.steps_offset >= c.num_train_timesteps:
-            # the last timestep would be past T - 1 (diffusers fails with an IndexError in step)
-            most = next(m for m in range(n - 1, 0, -1)
-                        if (m - 1) * (c.num_train_timesteps // m) + c.steps_offset < c.num_train_timesteps)
+        T = c.num_train_timesteps
+        fits = lambda m: (m - 1) * (T // m) + c.steps_offset < T  # noqa: E731  (first timestep <= T - 1)
+        if c.timestep_spacing == "leading" and not fits(n):
+            # diffusers fails with an IndexError in step. T // m makes the step counts that fit
+            # no range (T=1000, steps_offset=2: 500 does not, 501 does), so name two of them.
+            largest, below = next(m for m in range(T, 0, -1) if fits(m)), next(m for m in range(n, 0, -1) if fits(m))
             raise ValueError(f"num_inference_steps={n} with timestep_spacing='leading' and steps_offset="
-                             f"{c.steps_offset} would go past timestep {c.num_train_timesteps - 1}; "
-                             f"this scheduler config allows at most {most} steps")
+                             f"{c.steps_offset} would start past timestep {T - 1}; this scheduler config allows "
+                             f"at most {largest} steps" + (f" (and {below} is the most below {n})" if below != largest else ""))
         timesteps = spaced_timesteps(c, n).round().astype(np.int64)
         self._set(torch.from_numpy(timesteps), device, n)
 

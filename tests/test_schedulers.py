@@ -115,7 +115,7 @@ def run(ours, theirs, n, schedule=None, **step_kwargs):
     assert torch.equal(ours.timesteps, theirs.timesteps)
     assert ours.timesteps.dtype == theirs.timesteps.dtype
     assert torch.equal(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(theirs.init_noise_sigma))
-    g = torch.Generator().manual_seed(n)
+    g = torch.Generator().manual_seed(len(ours.timesteps))
     x_ours = x_theirs = torch.randn(SHAPE, generator=g) * theirs.init_noise_sigma
     gen_ours, gen_theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     err = {"scale_model_input": 0.0, "prev_sample": 0.0, "denoised": 0.0}
@@ -276,3 +276,226 @@ def test_lcm_step_count_limits():
     theirs = reference("LCMScheduler", LCM)
     theirs.set_timesteps(8, original_inference_steps=8)
     assert torch.equal(sched.timesteps, theirs.timesteps)
+
+
+# ----------------------------------------------------------------------------- custom schedules
+
+CUSTOM = [  # (class, config, set_timesteps keywords): each as diffusers 0.42.1 takes them
+    ("EulerDiscreteScheduler", SDXL, {"timesteps": [999, 850, 700.5, 500, 300, 120, 10]}),
+    ("EulerDiscreteScheduler", {**SD21, "final_sigmas_type": "sigma_min"}, {"timesteps": [900, 400, 0]}),
+    ("EulerDiscreteScheduler", SDXL, {"sigmas": [14.6, 6.0, 2.5, 1.0, 0.3, 0.0]}),
+    ("EulerDiscreteScheduler", {**SDXL, "use_karras_sigmas": True}, {"sigmas": [10.0, 3.0, 0.7, 0.03]}),
+    ("DPMSolverMultistepScheduler", SD15, {"timesteps": [999, 845, 692, 538, 385, 231, 77]}),
+    ("DPMSolverMultistepScheduler", {**SD15, "final_sigmas_type": "sigma_min"}, {"timesteps": [981, 500, 20]}),
+    ("LCMScheduler", LCM, {"timesteps": [999, 759, 499, 259]}),
+    ("LCMScheduler", LCM, {"timesteps": [980, 555, 300, 1]}),  # off the distillation schedule: diffusers warns
+]
+
+
+@pytest.mark.parametrize("case", CUSTOM, ids=lambda c: f"{c[0]}-{next(iter(c[2]))}")
+def test_custom_schedules_match_diffusers(case):
+    class_name, config, schedule = case
+    ours = getattr(S, class_name).from_config(config)
+    err = run(ours, reference(class_name, config), None, schedule=schedule)
+    assert max(err.values()) <= TOL, err
+    key, values = next(iter(schedule.items()))
+    assert ours.num_inference_steps == len(ours.timesteps) == len(values) - (key == "sigmas")
+
+
+@pytest.mark.parametrize("class_name, key", [
+    ("DDIMScheduler", "timesteps"), ("DDIMScheduler", "sigmas"),
+    ("EulerAncestralDiscreteScheduler", "timesteps"), ("EulerAncestralDiscreteScheduler", "sigmas"),
+    ("DPMSolverMultistepScheduler", "sigmas"), ("LCMScheduler", "sigmas"),
+])
+def test_unsupported_custom_schedules_are_refused(class_name, key):
+    """diffusers' classes have no such argument (TypeError there); here a ValueError saying so."""
+    with pytest.raises(TypeError):
+        reference(class_name, SD15).set_timesteps(**{key: [999.0, 500.0, 0.0]})
+    with pytest.raises(ValueError, match=f"^{class_name} does not support custom {key}; "):
+        getattr(S, class_name).from_config(SD15).set_timesteps(**{key: [999.0, 500.0, 0.0]})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "needs num_inference_steps"),
+    ({"timesteps": [999, 500], "sigmas": [10.0, 1.0, 0.0]}, "not both"),
+    ({"num_inference_steps": 2, "timesteps": [999, 500]}, "not both"),
+    ({"timesteps": [500, 500, 100]}, "strictly decreasing"),
+    ({"timesteps": [100, 500]}, "strictly decreasing"),
+    ({"timesteps": [1000, 500]}, r"in \[0, 999\]"),
+    ({"timesteps": [999, -1]}, r"in \[0, 999\]"),
+    ({"timesteps": [999, float("nan")]}, "finite numbers"),
+    ({"timesteps": []}, "1 to 1000"),
+    ({"timesteps": list(range(1000, -1, -1))}, "1 to 1000"),
+    ({"timesteps": [[999, 500]]}, "finite numbers"),
+    ({"timesteps": "999"}, "list"),
+    ({"sigmas": [10.0, 10.0, 0.0]}, "strictly decreasing"),
+    ({"sigmas": [10.0, 1.0, -0.5]}, ">= 0"),
+    ({"sigmas": [10.0]}, "2 or more"),
+    ({"sigmas": [10.0, float("inf"), 0.0]}, "finite"),
+])
+def test_bad_custom_schedules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S.EulerDiscreteScheduler.from_config(SDXL).set_timesteps(**kwargs)
+
+
+@pytest.mark.parametrize("class_name", ["DPMSolverMultistepScheduler", "LCMScheduler"])
+def test_custom_timesteps_must_be_integers_where_they_index_the_table(class_name):
+    with pytest.raises(ValueError, match=r"integers in \[0, 999\]"):
+        getattr(S, class_name).from_config(LCM).set_timesteps(timesteps=[999, 500.5])
+
+
+@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_custom_timesteps_with_karras_sigmas_are_refused_as_in_diffusers(class_name):
+    config = {**SD15, "use_karras_sigmas": True}
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        reference(class_name, config).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        getattr(S, class_name).from_config(config).set_timesteps(timesteps=[999, 500])
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+ALL_CLASSES = ["DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
+               "EulerAncestralDiscreteScheduler"]
+BAD_CONFIGS = [(name, config, match) for name in ALL_CLASSES for config, match in [
+    ({"num_train_timesteps": 0}, "num_train_timesteps must be an integer from 2 to 100000"),
+    ({"num_train_timesteps": 1}, "num_train_timesteps"),
+    ({"num_train_timesteps": 10**9}, "100000"),
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps"),
+    ({"num_train_timesteps": 1000.0}, "num_train_timesteps"),
+    ({"num_train_timesteps": True}, "num_train_timesteps"),
+    ({"steps_offset": 1000}, r"steps_offset must be an integer in \[0, num_train_timesteps=1000\)"),
+    ({"steps_offset": -1}, "steps_offset"),
+    ({"steps_offset": "1"}, "steps_offset"),
+    ({"trained_betas": [0.01]}, "trained_betas must be a list of num_train_timesteps=1000 numbers, got 1"),
+    ({"trained_betas": "0.01"}, "trained_betas"),
+    ({"trained_betas": [0.01] * 999 + [1.5]}, r"trained_betas must all be numbers in \(0, 1\)"),
+    ({"trained_betas": [0.01] * 999 + ["x"]}, "trained_betas"),
+    ({"beta_start": -0.001}, r"beta_start must be a number in \(0, 1\)"),
+    ({"beta_end": float("nan")}, "beta_end"),
+    ({"beta_end": 1.0}, "beta_end"),
+    ({"beta_start": "0.001"}, "beta_start"),
+    ({"beta_schedule": ["linear"]}, "beta_schedule"),
+    ({"timestep_spacing": None}, "timestep_spacing"),
+]] + [
+    ("DDIMScheduler", {"clip_sample_range": -1.0}, "clip_sample_range must be a positive number"),
+    ("LCMScheduler", {"timestep_scaling": "10"}, "timestep_scaling"),
+    ("LCMScheduler", {"original_inference_steps": 0}, "original_inference_steps"),
+    ("LCMScheduler", {"original_inference_steps": 2000}, "original_inference_steps"),
+    ("EulerDiscreteScheduler", {"sigma_min": 0.0, "use_karras_sigmas": True}, "sigma_min"),
+]
+
+
+@pytest.mark.parametrize("class_name, config, match", BAD_CONFIGS)
+def test_bad_config_values(class_name, config, match):
+    """One ConfigError naming the key, at construction (diffusers crashes later, or makes NaN)."""
+    with pytest.raises(S.ConfigError, match=match):
+        getattr(S, class_name).from_config({**SD15, **config})
+
+
+@pytest.mark.parametrize("config", [[1, 2], "DDIMScheduler", None, {"_class_name": ["DDIMScheduler"]}, {1: 2}])
+def test_scheduler_config_of_the_wrong_shape(config):
+    with pytest.raises(S.ConfigError, match="scheduler config"):
+        S.scheduler_from_config(config)
+
+
+def test_ddim_leading_steps_past_the_last_timestep():
+    """SD-1.5's config ("leading", steps_offset 1) with 1000 steps would reach t = 1000: an
+    IndexError in diffusers; here a ValueError naming the most steps it allows (999, which
+    works, as in diffusers)."""
+    sched = S.DDIMScheduler.from_config(SD15)
+    theirs = reference("DDIMScheduler", SD15)
+    theirs.set_timesteps(1000)
+    with pytest.raises(IndexError):
+        theirs.step(torch.zeros(SHAPE), theirs.timesteps[0], torch.zeros(SHAPE))
+    with pytest.raises(ValueError, match="allows at most 999 steps"):
+        sched.set_timesteps(1000)
+    with pytest.raises(ValueError, match=r"allows at most 996 steps$"):  # 995 * 1 + 4 = 999
+        S.DDIMScheduler.from_config({**SD15, "steps_offset": 4}).set_timesteps(997)
+    # 499 * 2 + 2 = 1000 is past the end, 500 * 1 + 2 and 498 * 2 + 2 are not
+    offset2 = S.DDIMScheduler.from_config({**SD15, "steps_offset": 2})
+    with pytest.raises(ValueError, match=r"allows at most 998 steps \(and 499 is the most below 500\)$"):
+        offset2.set_timesteps(500)
+    offset2.set_timesteps(501)
+    assert max(run(sched, theirs, 999).values()) <= TOL
+
+
+# ----------------------------------------------------------------------------- A1111 names
+
+
+@pytest.mark.parametrize("name, class_name, karras", [
+    ("DDIM", "DDIMScheduler", None), ("ddim", "DDIMScheduler", None),
+    ("Euler", "EulerDiscreteScheduler", False), ("euler", "EulerDiscreteScheduler", False),
+    ("Euler a", "EulerAncestralDiscreteScheduler", None), ("euler_a", "EulerAncestralDiscreteScheduler", None),
+    ("EULER-A", "EulerAncestralDiscreteScheduler", None),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", False), ("dpm++ 2m", "DPMSolverMultistepScheduler", False),
+    ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", True), ("dpm++", "DPMSolverMultistepScheduler", False),
+    ("LCM", "LCMScheduler", None), ("lcm", "LCMScheduler", None),
+])
+def test_scheduler_by_name(name, class_name, karras):
+    """Built as a diffusers user builds it: Class.from_config(config, use_karras_sigmas=...)."""
+    ours = S.scheduler_by_name(name, SD15)
+    assert type(ours).__name__ == class_name
+    overrides = {} if karras is None or name.lower() in ("euler", "dpm++") else {"use_karras_sigmas": karras}
+    theirs = getattr(diffusers, class_name).from_config(reference("DDIMScheduler", SD15).config, **overrides)
+    if karras is not None:
+        assert ours.config.use_karras_sigmas is theirs.config.use_karras_sigmas is karras
+    if class_name != "LCMScheduler":
+        assert max(run(ours, theirs, 10).values()) <= TOL
+
+
+def test_dpm_2m_without_karras_overrides_the_checkpoint():
+    karras_config = {**SD15, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    assert S.scheduler_by_name("DPM++ 2M", karras_config).config.use_karras_sigmas is False
+    assert S.scheduler_by_name("dpm++", karras_config).config.use_karras_sigmas is True
+    assert S.a1111_names(S.scheduler_by_name("dpm++", karras_config)) == ("DPM++ 2M", "Karras")
+
+
+def test_unknown_scheduler_name():
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'; choose one of: DDIM, Euler, Euler a, DPM"):
+        S.scheduler_by_name("heun", SD15)
+    with pytest.raises(TypeError):
+        S.scheduler_by_name(None, SD15)
+
+
+def test_every_listed_name_is_accepted_and_a1111_names_round_trip():
+    assert S.SCHEDULER_NAMES[:6] == ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM"]
+    expected = {"DDIM": ("DDIM", "Automatic"), "Euler": ("Euler", "Automatic"), "Euler a": ("Euler a", "Automatic"),
+                "DPM++ 2M": ("DPM++ 2M", "Automatic"), "DPM++ 2M Karras": ("DPM++ 2M", "Karras"),
+                "LCM": ("LCM", "Automatic")}
+    for name in S.SCHEDULER_NAMES:
+        sched = S.scheduler_by_name(name, SD15)
+        if name in expected:
+            assert S.a1111_names(sched) == expected[name]
+    assert S.a1111_names(S.EulerDiscreteScheduler.from_config({**SDXL, "use_karras_sigmas": True})) == ("Euler", "Karras")
+    with pytest.raises(TypeError):
+        S.a1111_names(reference("DDIMScheduler", SD15))
+
+
+# ----------------------------------------------------------------------------- Euler a, whole pipeline
+
+
+def test_euler_ancestral_pipeline_matches_diffusers(tmp_path, one_thread):
+    """A tiny SD checkpoint through diffusers' StableDiffusionPipeline and load_pipeline, both with
+    Euler a from the checkpoint's scheduler config: same latents, same generator for the noise
+    each step adds."""
+    import mini_tgate
+    from tiny_models import save_sd
+
+    save_sd(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path)
+    ref.set_progress_bar_config(disable=True)
+    ours = mini_tgate.load_pipeline(tmp_path)
+    ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(ref.scheduler.config)
+    ours.scheduler = S.scheduler_by_name("Euler a", ours.scheduler.config)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=8, guidance_scale=7.5, latents=latents)
+    expected = ref("a red circle", output_type="np", generator=torch.Generator().manual_seed(1), **kw).images
+    got = ours("a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+    assert abs(torch.as_tensor(expected) - torch.as_tensor(got)).max().item() <= 1e-5
+    # and the noise matters: another generator gives another image
+    other = ours("a red circle", generator=torch.Generator().manual_seed(2), **kw).images
+    assert abs(torch.as_tensor(other) - torch.as_tensor(got)).max().item() > 1e-3
