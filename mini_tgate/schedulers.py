@@ -4,7 +4,7 @@ diffusers 0.42.1.
 Every scheduler is built from a checkpoint's `scheduler/scheduler_config.json` (or another
 scheduler's `.config`) and is used the same way:
 
-    scheduler.set_timesteps(25, device)
+    scheduler.set_timesteps(25, device)     # or timesteps=[...] / sigmas=[...] where diffusers takes them
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         model_output = unet(scheduler.scale_model_input(x, t), t, ...)
@@ -15,8 +15,8 @@ abar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1. Euler and DPM-Solver work with th
 sigma_t = sqrt((1 - abar_t) / abar_t) instead. The UNet predicts eps ("epsilon"),
 v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 ("v_prediction", SD-2.x 768 px) or x_0 ("sample").
 
-DDIM, LCM and Euler steps are stateless: a step reads the step index off the timestep's place
-in `.timesteps`. DPM-Solver++ 2M needs the previous step's x_0 estimate, kept in `prev_x0`
+DDIM, LCM, Euler and Euler ancestral steps are stateless: a step reads the step index off the
+timestep's place in `.timesteps`. DPM-Solver++ 2M needs the previous step's x_0 estimate, kept in `prev_x0`
 beside a step counter; both are reset by `set_timesteps`.
 
 Every number is computed the way diffusers computes it (numpy float64 timesteps, float32
@@ -233,13 +233,18 @@ class Scheduler:
                 raise ValueError(f"{name} does not support custom {key}; {takes}")
         if timesteps is not None and sigmas is not None:
             raise ValueError("give custom timesteps or custom sigmas, not both")
-        if n is not None and (timesteps is not None or sigmas is not None):
-            raise ValueError("give num_inference_steps or a custom timesteps/sigmas list, not both "
-                             "(the list's length sets the number of steps)")
         if n is None and timesteps is None and sigmas is None:
             raise ValueError("set_timesteps needs num_inference_steps (or a custom timesteps/sigmas list)")
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= T):
             raise ValueError(f"num_inference_steps must be an integer between 1 and num_train_timesteps={T}, got {n!r}")
+        custom = timesteps if timesteps is not None else sigmas
+        if n is not None and custom is not None:
+            # diffusers refuses both; a count that agrees with the list is accepted here
+            steps = len(custom) - (sigmas is not None) if hasattr(custom, "__len__") else None
+            if n != steps:
+                raise ValueError(f"num_inference_steps={n} disagrees with the custom list, which sets the number "
+                                 "of steps (timesteps: one per step; sigmas: n + 1 values for n steps); "
+                                 "give one or the other")
 
     def _custom_timesteps(self, timesteps, integers: bool) -> np.ndarray:
         """A custom timestep list, checked: 1 to T numbers, strictly decreasing, in [0, T-1]
@@ -248,7 +253,8 @@ class Scheduler:
         values = _number_list("timesteps", timesteps, T)
         if not np.all((0 <= values) & (values <= T - 1)) or (integers and not np.all(values == np.round(values))):
             kind = "integers" if integers else "numbers"
-            raise ValueError(f"custom timesteps must be {kind} in [0, {T - 1}] (num_train_timesteps - 1), got {timesteps!r}")
+            raise ValueError(f"custom timesteps must be {kind} in [0, {T - 1}] (num_train_timesteps - 1), "
+                             f"got {timesteps!r}")
         if np.any(np.diff(values) >= 0):
             raise ValueError(f"custom timesteps must be strictly decreasing, got {timesteps!r}")
         return values
@@ -326,10 +332,11 @@ class DDIMScheduler(Scheduler):
         if c.timestep_spacing == "leading" and not fits(n):
             # diffusers fails with an IndexError in step. T // m makes the step counts that fit
             # no range (T=1000, steps_offset=2: 500 does not, 501 does), so name two of them.
-            largest, below = next(m for m in range(T, 0, -1) if fits(m)), next(m for m in range(n, 0, -1) if fits(m))
+            largest = next(m for m in range(T, 0, -1) if fits(m))
+            below = next(m for m in range(n, 0, -1) if fits(m))
             raise ValueError(f"num_inference_steps={n} with timestep_spacing='leading' and steps_offset="
                              f"{c.steps_offset} would start past timestep {T - 1}; this scheduler config allows "
-                             f"at most {largest} steps" + (f" (and {below} is the most below {n})" if below != largest else ""))
+                             f"at most {largest} steps" + (f" (and {below} is the most below {n})" * (below != largest)))
         timesteps = spaced_timesteps(c, n).round().astype(np.int64)
         self._set(torch.from_numpy(timesteps), device, n)
 

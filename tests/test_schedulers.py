@@ -180,8 +180,8 @@ def test_scheduler_from_config_picks_the_named_class(config):
 
 
 @pytest.mark.parametrize("source", [SD15, SD21, SDXL, LCM], ids=["pndm", "ddim", "euler", "lcm"])
-@pytest.mark.parametrize("target", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "LCMScheduler",
-                                    "EulerAncestralDiscreteScheduler"])
+@pytest.mark.parametrize("target", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                    "LCMScheduler", "EulerAncestralDiscreteScheduler"])
 def test_from_another_schedulers_config(source, target):
     """`Target.from_config(pipe.scheduler.config)` as in diffusers: keys the source config took
     as defaults (not in its json) take the target's defaults instead."""
@@ -299,7 +299,12 @@ def test_custom_schedules_match_diffusers(case):
     err = run(ours, reference(class_name, config), None, schedule=schedule)
     assert max(err.values()) <= TOL, err
     key, values = next(iter(schedule.items()))
-    assert ours.num_inference_steps == len(ours.timesteps) == len(values) - (key == "sigmas")
+    n = len(values) - (key == "sigmas")  # sigmas: the final one too
+    assert ours.num_inference_steps == len(ours.timesteps) == n
+    # the count may be given too where it agrees (diffusers refuses it; the pipeline passes it)
+    again = getattr(S, class_name).from_config(config)
+    again.set_timesteps(n, **schedule)
+    assert torch.equal(again.timesteps, ours.timesteps)
 
 
 @pytest.mark.parametrize("class_name, key", [
@@ -318,7 +323,8 @@ def test_unsupported_custom_schedules_are_refused(class_name, key):
 @pytest.mark.parametrize("kwargs, match", [
     ({}, "needs num_inference_steps"),
     ({"timesteps": [999, 500], "sigmas": [10.0, 1.0, 0.0]}, "not both"),
-    ({"num_inference_steps": 2, "timesteps": [999, 500]}, "not both"),
+    ({"num_inference_steps": 3, "timesteps": [999, 500]}, "num_inference_steps=3 disagrees with the custom list"),
+    ({"num_inference_steps": 3, "sigmas": [10.0, 1.0, 0.0]}, "num_inference_steps=3 disagrees"),
     ({"timesteps": [500, 500, 100]}, "strictly decreasing"),
     ({"timesteps": [100, 500]}, "strictly decreasing"),
     ({"timesteps": [1000, 500]}, r"in \[0, 999\]"),
@@ -468,7 +474,8 @@ def test_every_listed_name_is_accepted_and_a1111_names_round_trip():
         sched = S.scheduler_by_name(name, SD15)
         if name in expected:
             assert S.a1111_names(sched) == expected[name]
-    assert S.a1111_names(S.EulerDiscreteScheduler.from_config({**SDXL, "use_karras_sigmas": True})) == ("Euler", "Karras")
+    karras_euler = S.EulerDiscreteScheduler.from_config({**SDXL, "use_karras_sigmas": True})
+    assert S.a1111_names(karras_euler) == ("Euler", "Karras")
     with pytest.raises(TypeError):
         S.a1111_names(reference("DDIMScheduler", SD15))
 
