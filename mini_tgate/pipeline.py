@@ -15,7 +15,6 @@ branch runs alone and its prediction is used as it is (the reference's choice).
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import threading
 import time
@@ -43,7 +42,6 @@ SDXL_CLASSES = ("StableDiffusionXLPipeline",)
 # images in one batch is more than any GPU holds at 512 px: call again for more.
 MAX_SIDE = 8192
 MAX_BATCH = 256
-MAX_STEPS = 1000  # custom timesteps/sigmas: at most one per training timestep
 # the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
@@ -263,7 +261,8 @@ class StableDiffusionPipeline:
     # ----------------------------------------------------------------------------- generation
 
     def check_inputs(self, prompts, negatives, steps, guidance_scale, height, width, num_images_per_prompt,
-                     output_type, generator=None, latents=None, guidance_rescale=0.0, eta=0.0, batch=None):
+                     output_type, generator=None, latents=None, guidance_rescale=0.0, eta=0.0, batch=None,
+                     tgate=None, clip_skip=None, callback=None, callback_inputs=()):
         """Every argument checked before anything is encoded or allocated."""
         f = self.vae_scale_factor
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (height, width)) \
@@ -301,6 +300,18 @@ class StableDiffusionPipeline:
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor (torch.from_numpy converts a numpy array), "
                             f"got {type(latents).__name__}")
+        if tgate is not None and not isinstance(tgate, TGate):
+            raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
+        layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                      or not 0 <= clip_skip < layers):
+            raise ValueError(f"clip_skip must be None or an integer in [0, {layers - 1}], got {clip_skip!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback_on_step_end must be callable")
+        unknown = [k for k in callback_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSOR_INPUTS)}; "
+                             f"got {', '.join(map(repr, unknown))}")
 
     @torch.inference_mode()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -313,23 +324,22 @@ class StableDiffusionPipeline:
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  **conditioning) -> PipelineOutput:
         """Text to images. Thread-safe: concurrent calls on one pipeline run one at a time (see
-        `call_lock` in __init__); each works on its own copy of the scheduler.
+        exclusive_call), each with its own copy of the scheduler.
 
         `callback_on_step_end(pipe, i, t, tensors) -> dict` runs after each step with the tensors
         named in `callback_on_step_end_tensor_inputs`; those it returns replace the loop's. Setting
         `pipe._interrupt = True` (diffusers' way) skips the remaining steps and decodes the
         current latents; the flag is reset when the next call starts."""
-        name = type(self).__name__
         for key in conditioning:  # SDXL's extra arguments are the only ones allowed through
             if key not in self.extra_call_args:
-                raise TypeError(f"{name}.__call__() got an unexpected keyword argument {key!r}")
+                raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {key!r}")
         # Everything another thread could change is read once, here: a swap mid-call changes nothing.
-        unet, vae, bar_config, offload = self.unet, self.vae, dict(self.progress_bar_config), self.offload_device
+        unet, vae, offload = self.unet, self.vae, self.offload_device
+        bar_config = {**self.progress_bar_config, **({} if progress is None else {"disable": not progress})}
         scheduler = copy.deepcopy(self.scheduler)  # its timesteps and step state belong to this call
-        device = offload or self.device
-        f = self.vae_scale_factor
+        device, dtype, f = offload or self.device, unet.conv_in.weight.dtype, self.vae_scale_factor
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        height = unet.config.sample_size * f if height is None else height
+        height = unet.config.sample_size * f if height is None else height  # 0 is an error, not the default
         width = unet.config.sample_size * f if width is None else width
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("prompt must be given, or prompt_embeds instead: exactly one of them")
@@ -340,33 +350,16 @@ class StableDiffusionPipeline:
         n_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if negatives is not None and len(negatives) == 1 and n_prompts > 1:
             negatives = negatives * n_prompts  # one negative prompt for every prompt
-        batch = n_prompts * num_images_per_prompt if isinstance(num_images_per_prompt, int) else None
-        self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, height, width,
-                          num_images_per_prompt, output_type, generator, latents, guidance_rescale, eta, batch)
-        self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
-        if tgate is not None and not isinstance(tgate, TGate):
-            raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
-                                      or not 0 <= clip_skip < self.text_encoder.config.num_hidden_layers):
-            raise ValueError(f"clip_skip must be None or an integer in [0, "
-                             f"{self.text_encoder.config.num_hidden_layers - 1}], got {clip_skip!r}")
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("give timesteps or sigmas, not both")
-        custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
-        for key, values in custom.items():
-            if key not in inspect.signature(scheduler.set_timesteps).parameters:
-                raise ValueError(f"{type(scheduler).__name__} does not take custom {key}")
-            if not isinstance(values, (list, tuple)) or not 1 <= len(values) <= MAX_STEPS:
-                raise ValueError(f"{key} must be a list of 1 to {MAX_STEPS} numbers, got {values!r}")
+        n = num_images_per_prompt
+        batch = n_prompts * n if isinstance(n, int) else None
         callback_inputs = list(callback_on_step_end_tensor_inputs or ())
-        unknown = [k for k in callback_inputs if k not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSOR_INPUTS)}; "
-                             f"got {', '.join(map(repr, unknown))}")
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError("callback_on_step_end must be callable")
-        lcm = unet.config.time_cond_proj_dim is not None
-        cfg = guidance_scale > 1 and not lcm
+        self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, height, width, n, output_type,
+                          generator, latents, guidance_rescale, eta, batch, tgate, clip_skip, callback_on_step_end,
+                          callback_inputs)
+        self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        # this call's schedule, on its own scheduler copy; custom lists are checked by the scheduler
+        custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
+        scheduler.set_timesteps(None if custom else num_inference_steps, device=device, **custom)
         shape = (batch, unet.config.in_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -374,12 +367,49 @@ class StableDiffusionPipeline:
             raise FloatingPointError("the latents you passed contain NaN or inf")
 
         with self.exclusive_call():
-            return self.generate(
-                unet, vae, scheduler, device, offload, bar_config if progress is None else {**bar_config, "disable": not progress},
-                prompts, negatives, prompt_embeds, negative_prompt_embeds, clip_skip, conditioning,
-                num_images_per_prompt, guidance_scale, guidance_rescale, eta, cfg, lcm, height, width, shape,
-                generator, latents, tgate, custom, num_inference_steps, output_type, callback_on_step_end,
-                callback_inputs)
+            # 1. Conditioning. CFG doubles the batch, unless the UNet takes guidance as an embedding (LCM).
+            timings, start = {}, time.perf_counter()
+            lcm = unet.config.time_cond_proj_dim is not None
+            cfg = guidance_scale > 1 and not lcm
+            with on_device(self.text_encoders(), offload):
+                cond, uncond = self.encode_prompt(prompts, negatives, cfg, height, width, device, prompt_embeds,
+                                                  negative_prompt_embeds, clip_skip, **conditioning)
+            for what, c, given in (("prompt", cond, prompt_embeds), ("negative prompt", uncond, negative_prompt_embeds)):
+                if c is not None and not torch.isfinite(c["encoder_hidden_states"]).all():
+                    raise FloatingPointError(f"the text embeddings of the {what} contain NaN or inf: " + (
+                        "the embeddings you passed" if given is not None
+                        else "the text encoder's weights produce them" + half_hint(dtype)))
+            cond = repeat_images(cond, n)
+            uncond = repeat_images(uncond, n) if cfg else None
+            if lcm:
+                w = torch.full((batch,), guidance_scale - 1.0)
+                cond["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim,
+                                                           torch.float32).to(device, dtype)
+            timings["text"] = time.perf_counter() - start
+
+            # 2. Initial noise, drawn as diffusers draws it.
+            if latents is None:
+                latents = randn_tensor(shape, generator, device, dtype)
+            latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+
+            # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
+            start = time.perf_counter()
+            with on_device([unet], offload):
+                latents, report = self.denoise(
+                    unet, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps), cfg),
+                    guidance_scale, guidance_rescale, eta, generator, bar_config, callback_on_step_end,
+                    callback_inputs)
+            timings["denoise"] = time.perf_counter() - start
+
+            # 4. Decode.
+            start = time.perf_counter()
+            if output_type == "latent":
+                images = latents
+            else:
+                with on_device([vae], offload):
+                    images = self.decode(latents, output_type, vae)
+            timings["decode"] = time.perf_counter() - start
+            return PipelineOutput(images, report, timings)
 
     @contextmanager
     def exclusive_call(self):
@@ -397,107 +427,57 @@ class StableDiffusionPipeline:
             finally:
                 self.call_owner = None
 
-    def generate(self, unet, vae, scheduler, device, offload, bar_config, prompts, negatives, prompt_embeds,
-                 negative_prompt_embeds, clip_skip, conditioning, n, guidance_scale, guidance_rescale, eta, cfg,
-                 lcm, height, width, shape, generator, latents, tgate, custom, num_inference_steps, output_type,
-                 callback, callback_inputs) -> PipelineOutput:
-        """The body of a call, its arguments checked, under the call lock."""
-        timings, start = {}, time.perf_counter()
-        dtype = unet.conv_in.weight.dtype
-
-        # 1. Conditioning. CFG doubles the batch, unless the UNet takes guidance as an embedding (LCM).
-        with on_device(self.text_encoders(), offload):
-            cond, uncond = self.encode_prompt(prompts, negatives, cfg, height, width, device=device,
-                                              prompt_embeds=prompt_embeds,
-                                              negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
-                                              **conditioning)
-        for what, c in (("the prompt", cond), ("the negative prompt", uncond)):
-            if c is not None and not torch.isfinite(c["encoder_hidden_states"]).all():
-                given = prompt_embeds is not None if c is cond else negative_prompt_embeds is not None
-                raise FloatingPointError(f"the text embeddings of {what} contain NaN or inf: "
-                                         + ("the embeddings you passed" if given else
-                                            "the text encoder's weights produce them" + half_hint(dtype)))
-        cond = {k: repeat_images(v, n) for k, v in cond.items()}
-        uncond = {k: repeat_images(v, n) for k, v in uncond.items()} if cfg else None
-        batch = shape[0]
-        if lcm:
-            w = torch.full((batch,), guidance_scale - 1.0)
-            cond["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim,
-                                                       torch.float32).to(device, dtype)
-        timings["text"] = time.perf_counter() - start
-
-        # 2. Initial noise, drawn as diffusers draws it.
-        if custom:
-            scheduler.set_timesteps(len(next(iter(custom.values()))), device=device, **custom)
-        else:
-            scheduler.set_timesteps(num_inference_steps, device=device)
-        if latents is None:
-            latents = randn_tensor(shape, generator, device, dtype)
-        latents = latents.to(device, dtype) * scheduler.init_noise_sigma
-
-        # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
-        timesteps = scheduler.timesteps
-        steps = plan(tgate, len(timesteps), cfg)
+    def denoise(self, unet, scheduler, latents, cond: dict, uncond: dict | None, steps: list, guidance_scale,
+                guidance_rescale, eta, generator, bar_config: dict, callback, callback_inputs: list):
+        """The denoising loop (scheduler timesteps set): the latents at the end, and per step
+        what attention did. With CFG (uncond given) steps whose plan says so run the doubled batch."""
+        dtype = latents.dtype
         extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
         report = []
-        start = time.perf_counter()
-        bar = progress_bar(len(timesteps), bar_config)
+        bar = progress_bar(len(steps), bar_config)
         try:
-            with on_device([unet], offload):
-                doubled = batch_cat(uncond, cond) if cfg else None
-                single = uncond if cfg else cond  # after the gate, CFG is dropped: the unconditional branch alone
-                for i, (t, step) in enumerate(zip(timesteps, steps)):
-                    unet.set_gate(step)
-                    x, kw = (torch.cat([latents, latents]), doubled) if step.cfg else (latents, single)
-                    noise = unet(scheduler.scale_model_input(x, t), t, **kw)
+            for i, (t, step) in enumerate(zip(scheduler.timesteps, steps)):
+                unet.set_gate(step)
+                if step.cfg:
+                    x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
+                else:  # after the gate, CFG is dropped: the unconditional branch alone
+                    x, kw = latents, uncond if uncond is not None else cond
+                noise = unet(scheduler.scale_model_input(x, t), t, **kw)
+                if not torch.isfinite(noise).all():
+                    raise FloatingPointError(f"the UNet's noise prediction at step {i} contains NaN or inf: "
+                                             "its weights produce them" + half_hint(dtype))
+                if step.cfg:
+                    noise_uncond, noise_text = noise.chunk(2)
+                    noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    if guidance_rescale > 0:
+                        noise = rescale_noise_cfg(noise, noise_text, guidance_rescale)
                     if not torch.isfinite(noise).all():
-                        raise FloatingPointError(f"the UNet's noise prediction at step {i} contains NaN or inf: "
-                                                 "its weights produce them" + half_hint(dtype))
-                    if step.cfg:
-                        noise_uncond, noise_text = noise.chunk(2)
-                        noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                        if guidance_rescale > 0:
-                            noise = rescale_noise_cfg(noise, noise_text, guidance_rescale)
-                        if not torch.isfinite(noise).all():
-                            raise FloatingPointError(f"guidance_scale={guidance_scale} and guidance_rescale="
-                                                     f"{guidance_rescale} produced NaN or inf at step {i}")
-                    latents = scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
-                    if not torch.isfinite(latents).all():
-                        raise FloatingPointError(f"the {type(scheduler).__name__} step {i} produced NaN or inf"
-                                                 + (f" (eta={eta})" if extra else "") + half_hint(dtype))
-                    report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
-                                   "self_attn": step.self_attn, "batch": x.shape[0]})
-                    if bar is not None:
-                        bar.update()
-                    if callback is not None:
-                        tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"],
-                                   "negative_prompt_embeds": uncond and uncond["encoder_hidden_states"]}
-                        out = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                        latents = out.get("latents", latents)
-                        if "prompt_embeds" in out or "negative_prompt_embeds" in out:
-                            cond = {**cond, "encoder_hidden_states": out.get("prompt_embeds", tensors["prompt_embeds"])}
-                            if cfg:
-                                uncond = {**uncond, "encoder_hidden_states": out.get("negative_prompt_embeds",
-                                                                                     tensors["negative_prompt_embeds"])}
-                            doubled = batch_cat(uncond, cond) if cfg else None
-                            single = uncond if cfg else cond
-                    if self._interrupt:  # diffusers' clean early stop: decode what there is
-                        break
+                        raise FloatingPointError(f"guidance_scale={guidance_scale} and guidance_rescale="
+                                                 f"{guidance_rescale} produced NaN or inf at step {i}")
+                latents = scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
+                if not torch.isfinite(latents).all():
+                    raise FloatingPointError(f"the {type(scheduler).__name__} step {i} produced NaN or inf"
+                                             + (f" (eta={eta})" if extra else "") + half_hint(dtype))
+                report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
+                               "self_attn": step.self_attn, "batch": x.shape[0]})
+                if bar is not None:
+                    bar.update()
+                if callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
+                    tensors = {"latents": latents, "prompt_embeds": cond["encoder_hidden_states"],
+                               "negative_prompt_embeds": None if uncond is None else uncond["encoder_hidden_states"]}
+                    out = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+                    latents = out.get("latents", latents)
+                    if "prompt_embeds" in out:
+                        cond = {**cond, "encoder_hidden_states": out["prompt_embeds"]}
+                    if "negative_prompt_embeds" in out and uncond is not None:
+                        uncond = {**uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
+                if self._interrupt:  # diffusers' clean early stop: decode what there is
+                    break
         finally:
             unet.clear_gate()  # no cache outlives the call
             if bar is not None:
                 bar.close()
-        timings["denoise"] = time.perf_counter() - start
-
-        # 4. Decode.
-        start = time.perf_counter()
-        if output_type == "latent":
-            images = latents
-        else:
-            with on_device([vae], offload):
-                images = self.decode(latents, output_type, vae)
-        timings["decode"] = time.perf_counter() - start
-        return PipelineOutput(images, report, timings)
+        return latents, report
 
     def decode(self, latents: torch.Tensor, output_type: str = "np", vae: AutoencoderKL | None = None):
         """Latents -> images in [0, 1]; the VAE runs in its own dtype (float32 when force_upcast)."""
