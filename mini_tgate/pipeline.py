@@ -224,6 +224,8 @@ class StableDiffusionPipeline:
 
     def check_embeddings(self, n_prompts: int, prompt_embeds, negative_prompt_embeds, conditioning: dict):
         """Given text embeddings: the UNet's width, one row per prompt, both of one shape."""
+        if prompt_embeds is None and negative_prompt_embeds is None:
+            return
         width = self.unet.config.cross_attention_dim
         width = width if isinstance(width, int) else width[0]
         for name, x in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
@@ -302,10 +304,10 @@ class StableDiffusionPipeline:
                             f"got {type(latents).__name__}")
         if tgate is not None and not isinstance(tgate, TGate):
             raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
-        layers = self.text_encoder.config.num_hidden_layers
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
-                                      or not 0 <= clip_skip < layers):
-            raise ValueError(f"clip_skip must be None or an integer in [0, {layers - 1}], got {clip_skip!r}")
+        if clip_skip is not None:
+            layers = self.text_encoder.config.num_hidden_layers
+            if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+                raise ValueError(f"clip_skip must be None or an integer in [0, {layers - 1}], got {clip_skip!r}")
         if callback is not None and not callable(callback):
             raise TypeError("callback_on_step_end must be callable")
         unknown = [k for k in callback_inputs if k not in CALLBACK_TENSOR_INPUTS]
@@ -512,12 +514,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def check_embeddings(self, n_prompts, prompt_embeds, negative_prompt_embeds, conditioning):
         super().check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
-        for embeds, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
-                               ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
-            given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}[embeds]
+        for embeds, name, pooled in ((prompt_embeds, "prompt_embeds", "pooled_prompt_embeds"),
+                                     (negative_prompt_embeds, "negative_prompt_embeds", "negative_pooled_prompt_embeds")):
             x = conditioning.get(pooled)
-            if (given is None) != (x is None):
-                raise ValueError(f"give {pooled} with {embeds} (diffusers' rule), or neither")
+            if (embeds is None) != (x is None):
+                raise ValueError(f"give {pooled} with {name} (diffusers' rule), or neither")
             if x is not None:
                 check_embeds(x, pooled, 2)
                 if x.shape[0] != n_prompts:

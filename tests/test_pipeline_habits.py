@@ -247,3 +247,15 @@ def test_model_cpu_offload_on_the_gpu(pipes):
     got = pipe(**kw).images
     assert all(p.device.type == "cpu" for m in pipe.models() for p in m.parameters())  # back after the call
     assert max_diff(got, expected) <= 1e-5
+
+
+def test_sdxl_embeddings_need_their_pooled_embeddings(pipes):
+    name, _, ours, _ = pipes
+    if name != "sdxl":
+        pytest.skip("SDXL only")
+    with pytest.raises(ValueError, match="give pooled_prompt_embeds with prompt_embeds"):
+        ours(prompt_embeds=torch.zeros(1, 77, 64), num_inference_steps=2)
+    with pytest.raises(ValueError, match="give negative_pooled_prompt_embeds with negative_prompt_embeds"):
+        ours(PROMPT, negative_prompt_embeds=torch.zeros(1, 77, 64), num_inference_steps=2)
+    with pytest.raises(TypeError, match=r"StableDiffusionXLPipeline.__call__\(\) got an unexpected keyword argument 'x'"):
+        ours(PROMPT, x=1)
