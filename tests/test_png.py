@@ -320,3 +320,213 @@ print(png.describe({str(tmp_path / "a.png")!r}))
     assert out.returncode == 0, out.stderr
     assert "prompt: 猫" in out.stdout  # and no PIL import was attempted (it would have raised)
     np.testing.assert_array_equal(pillow_pixels(tmp_path / "a.png"), np.full((3, 4, 3), 128))
+
+
+# ----------------------------------------------------------------------------- untrusted files
+
+def raw_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with(*chunks: bytes) -> bytes:
+    """A valid 1x1 gray PNG with `chunks` between IHDR and IDAT."""
+    return (b"\x89PNG\r\n\x1a\n" + raw_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)) + b"".join(chunks)
+            + raw_chunk(b"IDAT", zlib.compress(b"\0\0")) + raw_chunk(b"IEND", b""))
+
+
+def peak_memory(fn, *args):
+    """(result or exception, the largest Python allocation total while fn ran, in bytes)."""
+    tracemalloc.start()
+    try:
+        result = fn(*args)
+    except Exception as e:
+        result = e
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, peak
+
+
+@pytest.mark.parametrize("kind", ["zTXt", "iTXt"])
+def test_text_bomb_is_refused_without_inflating_it(tmp_path, kind):
+    """64 KiB of zlib data that inflate to 64 MiB (the issue's 2 MB file inflated to 2 GB)."""
+    zeros = zlib.compress(bytes(64 << 20), 9)
+    body = b"parameters\0" + (b"\0" + zeros if kind == "zTXt" else b"\1\0en\0\0" + zeros)
+    p = tmp_path / "bomb.png"
+    p.write_bytes(png_with(raw_chunk(kind.encode(), body)))
+    for reader in (read_png_text, describe):
+        error, peak = peak_memory(reader, p)
+        assert isinstance(error, ValueError) and "inflates to more than 1 MiB" in str(error)
+        assert peak < 4 << 20
+
+
+def test_text_at_the_limit_is_read_as_pillow_reads_it(tmp_path):
+    """1 MiB a value is also Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK)."""
+    from PIL import PngImagePlugin
+    assert png.MAX_TEXT == PngImagePlugin.MAX_TEXT_CHUNK
+    info = PngInfo()
+    info.add_text("big", "x" * png.MAX_TEXT, zip=True)
+    info.add_itxt("big_utf8", "é" * (png.MAX_TEXT // 2), zip=True)  # 2 bytes a character in UTF-8
+    p = tmp_path / "a.png"
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(p, pnginfo=info)
+    with Image.open(p) as im:
+        assert read_png_text(p) == im.text == {"big": "x" * png.MAX_TEXT, "big_utf8": "é" * (png.MAX_TEXT // 2)}
+
+
+def test_total_text_is_bounded(tmp_path):
+    one_mib = b"\0" + zlib.compress(bytes(png.MAX_TEXT), 9)
+    p = tmp_path / "a.png"
+    p.write_bytes(png_with(*(raw_chunk(b"zTXt", b"k%d\0" % i + one_mib) for i in range(8))))
+    assert len(read_png_text(p)) == 8  # 8 MiB: the limit
+    p.write_bytes(png_with(*(raw_chunk(b"zTXt", b"k%d\0" % i + one_mib) for i in range(9))))
+    with pytest.raises(ValueError, match="1 MiB a value, 8 MiB in all"):
+        read_png_text(p)
+    p.write_bytes(png_with(raw_chunk(b"tEXt", b"k\0" + b"x" * (png.MAX_TEXT + 1))))  # uncompressed, too
+    with pytest.raises(ValueError, match="1 MiB a value"):
+        read_png_text(p)
+
+
+def test_chunk_count_is_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(png, "MAX_CHUNKS", 50)
+    p = tmp_path / "a.png"
+    p.write_bytes(png_with(*[raw_chunk(b"teSt", b"")] * 46))  # + IHDR, IDAT, IEND: 49 chunks
+    assert read_png_text(p) == {}
+    p.write_bytes(png_with(*[raw_chunk(b"teSt", b"")] * 48))
+    with pytest.raises(ValueError, match="more than 50 chunks"):
+        read_png_text(p)
+
+
+def test_image_data_and_large_files_are_not_read(tmp_path):
+    """The text after 256 MiB of image data (a sparse file: no disk used), and a 256 MiB file that
+    is not a PNG, read with a few KiB of memory: the data is seeked over, the signature read first."""
+    p = tmp_path / "big.png"
+    size = 256 << 20
+    with open(p, "wb") as f:
+        head = png_with(raw_chunk(b"tEXt", b"before\0x"))
+        f.write(head[:head.index(b"IDAT") - 4])
+        f.write(struct.pack(">I", size) + b"IDAT")
+        f.seek(size, os.SEEK_CUR)  # zeros, never written; the CRC below is wrong and never checked
+        f.write(b"\0\0\0\0" + raw_chunk(b"tEXt", b"after\0y") + raw_chunk(b"IEND", b""))
+    text, peak = peak_memory(read_png_text, p)
+    assert text == {"before": "x", "after": "y"} and peak < 1 << 20
+    s, peak = peak_memory(describe, p)
+    assert s.startswith(f"{p}: 1x1 (width x height), gray, 8-bit, {p.stat().st_size:,} bytes") and peak < 1 << 20
+    p.write_bytes(b"GIF89a")
+    os.truncate(p, size)
+    error, peak = peak_memory(read_png_text, p)
+    assert isinstance(error, ValueError) and "is not a PNG file" in str(error) and peak < 1 << 20
+
+
+def within_10_s(fn, *args):
+    """fn(*args) or the exception it raised, run in a thread: a test fails rather than hangs."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(peak_memory(fn, *args)[0]), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), f"{fn.__name__}{args} hangs"
+    return result[0]
+
+
+def test_only_regular_files_are_read(tmp_path):
+    with pytest.raises(ValueError, match="is a directory, not a PNG file"):
+        read_png_text(tmp_path)
+    if os.path.exists("/dev/zero"):  # endless: read whole, it filled the memory
+        with pytest.raises(ValueError, match="'/dev/zero' is a device, not a PNG file"):
+            describe("/dev/zero")
+    with pytest.raises(FileNotFoundError, match="cannot read '.*missing.png': No such file"):
+        describe(tmp_path / "missing.png")
+    if not hasattr(os, "mkfifo"):
+        return
+    os.mkfifo(tmp_path / "fifo")  # no writer: opening it for reading used to wait forever
+    error = within_10_s(describe, tmp_path / "fifo")
+    assert isinstance(error, ValueError) and "is a FIFO (named pipe), not a PNG file" in str(error)
+
+
+def test_fifo_swapped_in_after_the_check_does_not_hang(tmp_path, monkeypatch):
+    """The check is repeated on the open file, opened non-blocking (a FIFO opens at once)."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    os.mkfifo(tmp_path / "fifo")
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: real_stat(__file__))  # "a regular file"
+    error = within_10_s(read_png_text, tmp_path / "fifo")
+    assert isinstance(error, ValueError) and "is a FIFO" in str(error)
+
+
+def test_describe_escapes_control_characters(tmp_path):
+    """An ESC sequence in a PNG must not reach the terminal (ESC [2J clears it, ESC ]0; retitles it)."""
+    evil = "a cat\x1b[2J\x1b]0;pwned\x07\r\x9b31m\tend\nline 2"
+    p = tmp_path / "a.png"
+    save_png(p, np.zeros((2, 2, 3), np.uint8), {"parameters": evil, "k\x1bey": "v\x08", **format_parameters(
+        {"prompt": evil})})
+    s = describe(p)
+    assert not any(ch in s for ch in "\x1b\x07\r\x9b\x08")
+    assert "a cat\\x1b[2J\\x1b]0;pwned\\x07\\x0d\\x9b31m\tend\n    line 2" in s  # the prompt, from the JSON
+    p2 = tmp_path / "b.png"
+    save_png(p2, np.zeros((2, 2, 3), np.uint8), {"parameters": evil, "k\x1bey": "v\x08"})
+    s = describe(p2)
+    assert "  parameters: a cat\\x1b[2J\\x1b]0;pwned\\x07\\x0d\\x9b31m\tend\n    line 2" in s
+    assert "  k\\x1bey: v\\x08" in s
+
+
+def test_describe_deeply_nested_json(tmp_path):
+    nested = '{"prompt": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    p = tmp_path / "a.png"
+    save_png(p, np.zeros((2, 2, 3), np.uint8), {"mini_tgate": nested, "parameters": "x\nSteps: 1"})
+    s = describe(p)  # json.loads raises RecursionError: not ours, shown as it is
+    assert "  mini_tgate: " + nested in s and "  parameters: x\n    Steps: 1" in s
+
+
+# ----------------------------------------------------------------------------- no-clobber writes
+
+def test_save_png_exclusive_never_replaces(tmp_path):
+    p = tmp_path / "a.png"
+    save_png(p, np.zeros((2, 2, 3), np.uint8), {"k": "v"}, overwrite=False)
+    np.testing.assert_array_equal(pillow_pixels(p), np.zeros((2, 2, 3)))
+    with Image.open(p) as im:
+        assert im.text == {"k": "v"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    old = p.read_bytes()
+    with pytest.raises(FileExistsError, match=r"cannot write '.*a\.png': the file exists \(not overwritten\)"):
+        save_png(p, np.ones((2, 2, 3), np.uint8), overwrite=False)
+    assert p.read_bytes() == old and [x.name for x in tmp_path.iterdir()] == ["a.png"]
+    (tmp_path / "link.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link is a name taken, too
+    with pytest.raises(FileExistsError):
+        save_png(tmp_path / "link.png", np.ones((2, 2, 3), np.uint8), overwrite=False)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.png", "link.png"]
+
+
+def test_save_png_exclusive_race(tmp_path):
+    """Eight writers of one name at once: one wins, the others get FileExistsError, the file is
+    the winner's complete image."""
+    barrier, results = threading.Barrier(8), [None] * 8
+
+    def write(i):
+        barrier.wait()
+        try:
+            save_png(tmp_path / "a.png", np.full((64, 64, 3), i, np.uint8), overwrite=False)
+            results[i] = "won"
+        except FileExistsError:
+            results[i] = "exists"
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results.count("won") == 1 and results.count("exists") == 7
+    np.testing.assert_array_equal(pillow_pixels(tmp_path / "a.png"), np.full((64, 64, 3), results.index("won")))
+    assert [x.name for x in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_save_png_exclusive_without_hard_links(tmp_path, monkeypatch):
+    import errno
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_link)
+    p = tmp_path / "a.png"
+    save_png(p, np.full((3, 3, 3), 9, np.uint8), overwrite=False)
+    np.testing.assert_array_equal(pillow_pixels(p), np.full((3, 3, 3), 9))
+    with pytest.raises(FileExistsError):
+        save_png(p, np.zeros((3, 3, 3), np.uint8), overwrite=False)
+    np.testing.assert_array_equal(pillow_pixels(p), np.full((3, 3, 3), 9))
+    assert [x.name for x in tmp_path.iterdir()] == ["a.png"]
