@@ -151,9 +151,9 @@ class StableDiffusionPipeline:
         return [self.unet, self.vae, *self.text_encoders()]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusionPipeline":
-        """Move every model (diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, or both);
-        the VAE stays in float32 in float16 when its config says force_upcast, as load_pipeline
-        does."""
+        """Move every model (diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, or both).
+        In float16 the VAE stays in float32 when its config says force_upcast, as load_pipeline
+        does. Giving a device ends model CPU offload."""
         if isinstance(device, torch.dtype):
             device, dtype = None, device if dtype is None else dtype
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
