@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import re
+import stat
 import struct
 import uuid
 import zlib
@@ -163,7 +164,6 @@ def _open_regular(path):
     wait forever for a writer, /dev/zero or /dev/urandom never end, a directory cannot be read.
     Checked before opening (a device is not even opened) and again on the open file, which was
     opened non-blocking so that a FIFO swapped in between cannot hang the open itself."""
-    import stat
     what = lambda mode: ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
                          else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                          else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
@@ -214,7 +214,8 @@ def _read_chunks(path, wanted: tuple[bytes, ...]):
                 if struct.unpack(">I", crc)[0] != zlib.crc32(kind + data):
                     raise ValueError(f"{str(path)!r} is corrupt (CRC mismatch in a {kind!r} chunk)")
                 if kind == b"IHDR":
-                    header = struct.unpack(">IIBBBBB", data)  # width, height, depth, color, compression, filter, interlace
+                    # width, height, bit depth, color type, compression, filter, interlace
+                    header = struct.unpack(">IIBBBBB", data)
                 elif kind == b"IEND":
                     return header, chunks, size
                 else:

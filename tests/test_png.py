@@ -261,8 +261,8 @@ def test_parameters_read_by_sd_parsers(tmp_path):
     assert [x.value for x in sampler.prompts] == ["a cat, oil painting"]
     assert [x.value for x in sampler.negative_prompts] == ["blurry, lowres"]
     assert sampler.parameters == {"cfg_scale": "7.0", "seed": "42", "steps": "20", "scheduler": "Karras"}
-    assert info.metadata == {k: v for k, v in A1111_FIELDS.items()
-                             if k not in ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Model", "Model hash")}
+    taken = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Model", "Model hash")  # into the above
+    assert info.metadata == {k: v for k, v in A1111_FIELDS.items() if k not in taken}
 
 
 def test_saved_parameters_and_describe(tmp_path):
