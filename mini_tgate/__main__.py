@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import secrets
 import sys
 import time
 import warnings
@@ -23,17 +26,25 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, model_hash
 from .config import ConfigError
-from .macs import count_macs
+from .macs import MAX_SIDE, MAX_STEPS, count_macs
 from .pipeline import load_pipeline
-from .png import describe, format_parameters, image_grid, save_png, side_by_side
-from .schedulers import SCHEDULERS
+from .png import describe, format_parameters, image_grid, save_png, side_by_side, to_uint8
+from .schedulers import SCHEDULER_NAMES, a1111_names, scheduler_by_name
 from .tgate import TGate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = ("cpu", "cuda")  # what the pipeline is built and tested for (mps, xpu: not here)
 ERRORS = (CheckpointError, ConfigError, ValueError, OSError, FloatingPointError, TypeError)
+# Bounds on what one run may ask for, checked before anything is loaded or allocated. An image
+# takes seconds (tiny model) to minutes (SDXL on a CPU): 1000 images is already a day's work.
+# One UNet batch holds --batch-size images (twice that with CFG): 64 fits SD-1.5 at 512 px on an
+# 80 GB GPU; a larger one only risks running out of memory for no speed gain.
+MAX_IMAGES = 1000
+MAX_BATCH = 64
+SEED_RANGE = 2**63  # torch.Generator.manual_seed takes any 64-bit value; A1111 draws in [0, 2**32)
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +70,7 @@ def gate_from(args) -> TGate | None:
     return TGate(args.gate_step, args.sp_interval, args.fi_interval, args.warm_up)
 
 
-# ----------------------------------------------------------------------------- generate
+# ----------------------------------------------------------------------------- generate: options
 
 def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
                          model: str | os.PathLike = DEFAULT_MODEL) -> None:
@@ -71,16 +82,22 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--negative", action="append", help="negative prompt; repeat it to give one per prompt")
     p.add_argument("--model", default=str(model),
                    help=f"a diffusers folder or a hub repo id (default: weights/{Path(model).name})")
+    p.add_argument("--revision", help="a hub branch, tag or commit (recorded in the PNG)")
     p.add_argument("--variant", help="read *.VARIANT.safetensors, e.g. fp16")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on the CPU")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1 to {MAX_STEPS} (default 25)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the pipeline's, 7.5 SD, 5 SDXL)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="default: the checkpoint's")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--height", type=int, help="default: the UNet's sample size x 8")
-    p.add_argument("--width", type=int, help="default: the UNet's sample size x 8")
+    p.add_argument("--scheduler", metavar="NAME",
+                   help="default: the checkpoint's. Case-insensitive, A1111's names included: "
+                        + ", ".join(repr(n) for n in SCHEDULER_NAMES))
+    p.add_argument("--seed", type=int, default=-1,
+                   help="seed of the first image; image i gets seed + i (default -1: a random seed, printed)")
+    p.add_argument("--height", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
+    p.add_argument("--width", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help=f"images denoised together, 1 to {MAX_BATCH} (default 1; more is faster on a GPU)")
     add_gate_options(p)
     p.add_argument("--no-tgate", action="store_true", help="plain sampling, no gate")
     p.add_argument("--compile", action="store_true", help="torch.compile the pipeline's hot path")
@@ -88,25 +105,31 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
                    help="also run without the gate (same seed); save [no gate | TGATE | difference]")
     p.add_argument("--out", default="out/",
                    help="a .png file, or a folder (created; numbered files). Default: out/")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files named by --out")
 
 
-def output_files(out: str, n: int) -> tuple[list[Path], Path | None]:
-    """Where n images go, and where their grid goes (None: no grid). A folder (a name ending in
-    "/", an existing folder, or a name with no suffix) gets numbered files 00000.png, 00001.png,
-    ... after the highest number already there; a .png file gets the image, or with several
-    images NAME-0.png, NAME-1.png, ... and the grid in NAME.png. Nothing is created here."""
+# ----------------------------------------------------------------------------- output files
+
+def output_files(out: str, n: int, overwrite: bool = False) -> tuple[Path, list[Path] | None, Path | None]:
+    """Where n images go: (folder, files, grid). A folder (a name ending in "/", an existing
+    folder, or a name with no suffix) gets numbered files, picked as each is written (files None);
+    a .png file gets the image, or with several images NAME-0.png, NAME-1.png, ... and the grid
+    in NAME.png. Nothing is created here, but every named file that exists is an error unless
+    `overwrite`: the run fails before generating instead of after."""
     path = Path(out)
     if out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-        taken = [int(p.stem[:5]) for p in path.glob("[0-9][0-9][0-9][0-9][0-9]*.png")] if path.is_dir() else []
-        first = max(taken, default=-1) + 1
-        return [path / f"{first + i:05d}.png" for i in range(n)], None
+        return path, None, None
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: images are written as PNG; name a .png file, or a folder ending in /")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the folder {str(path.parent)!r} does not exist")
-    if n == 1:
-        return [path], None
-    return [path.with_name(f"{path.stem}-{i}.png") for i in range(n)], path
+    files, grid = ([path], None) if n == 1 else ([path.with_name(f"{path.stem}-{i}.png") for i in range(n)], path)
+    for f in files + [grid] * (grid is not None):
+        if f.is_dir():
+            raise IsADirectoryError(f"--out {out}: {str(f)!r} is a folder")
+        if f.exists() and not overwrite:
+            raise FileExistsError(f"--out {out}: {str(f)!r} exists; pass --overwrite to replace it, or name another file")
+    return path.parent, files, grid
 
 
 def check_writable(folder: Path) -> None:
@@ -117,6 +140,29 @@ def check_writable(folder: Path) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise PermissionError(f"cannot write into {str(folder)!r}: {str(existing)!r} is not a writable folder")
 
+
+def next_number(folder: Path) -> int:
+    """One past the highest number a PNG's name starts with in `folder` (all its leading digits:
+    "123456.png" -> 123457, "00007-cat.png" -> 8), 0 in an empty folder."""
+    numbers = [int(m[0]) for f in folder.glob("[0-9]*.png") if (m := re.match(r"\d+", f.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_numbered(folder: Path, image, text: dict, first: int) -> tuple[Path, int]:
+    """Save into `folder` as NNNNN.png, the first free number from `first` on: each number is
+    claimed by creating its file exclusively, so two runs writing into one folder at the same
+    time never write the same file. Returns the path and the next number to try."""
+    n = first
+    while True:  # ends: each failed try is a file that exists, and a folder holds finitely many
+        path = folder / f"{n:05d}.png"
+        try:
+            save_png(path, image, text, overwrite=False)  # fails if the name is taken, even just now
+            return path, n + 1
+        except FileExistsError:
+            n += 1
+
+
+# ----------------------------------------------------------------------------- generate
 
 def si(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
@@ -131,27 +177,80 @@ def phases(out, steps: int) -> str:
             f"decode {t['decode']:.2f} s")
 
 
+def check_text(texts: list[str], what: str) -> None:
+    """Arguments that were not UTF-8 bytes arrive as lone surrogates ("\\udcff" for the byte 0xff):
+    no tokenizer or PNG can hold them, so say so now instead of failing after loading."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+            raise ValueError(f"the {what} {text[:e.start]!r}... is not UTF-8 text"
+                             + (f" (byte 0x{byte:02x} at character {e.start})" if byte is not None else "")
+                             + "; set the terminal's encoding to UTF-8") from None
+
+
+def check_size(name: str, value: int | None) -> None:
+    if value is not None and not (8 <= value <= MAX_SIDE and value % 8 == 0):
+        raise ValueError(f"--{name} {value}: must be a multiple of 8 from 8 to {MAX_SIDE} "
+                         f"(the VAE works on 8x8 pixel blocks; {MAX_SIDE} is 4x SDXL's trained size)")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise ValueError(f"--device {name}: supported devices are cpu, cuda and cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def generate_command(args) -> None:
     start = time.perf_counter()
-    gate = gate_from(args)  # bad gate parameters fail here, before anything is loaded
+    # Everything the arguments alone decide is checked here, before the model (minutes for SDXL) loads.
+    gate = gate_from(args)
     if args.compare and gate is None:
         raise ValueError("--compare runs without and with the gate: drop --no-tgate")
-    if not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
-    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    check_text(args.prompt, "prompt")
+    check_text(args.negative or [], "negative prompt")
+    if args.negative and len(args.negative) not in (1, len(args.prompt)):
+        raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
+                         "(give one for all prompts, or one per prompt)")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: must be from 1 to {MAX_STEPS} (the training timesteps of SD models)")
+    check_size("height", args.height)
+    check_size("width", args.width)
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     n_images = len(args.prompt) * args.num_images
-    files, grid_file = output_files(args.out, max(n_images, 1))
-    check_writable(files[0].parent)
+    if not 1 <= args.num_images or n_images > MAX_IMAGES:
+        raise ValueError(f"--num-images {args.num_images}: from 1 to {MAX_IMAGES // len(args.prompt)} "
+                         f"for {len(args.prompt)} prompt(s) ({MAX_IMAGES} images a run at most)")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size {args.batch_size}: must be from 1 to {MAX_BATCH}")
+    if args.seed != -1 and not 0 <= args.seed <= SEED_RANGE - n_images:
+        raise ValueError(f"--seed {args.seed}: must be -1 (random) or from 0 to 2**63 - {n_images} "
+                         f"(image i gets seed + i)")
+    if args.scheduler is not None and args.scheduler.strip().lower() not in {n.lower() for n in SCHEDULER_NAMES}:
+        raise ValueError(f"--scheduler {args.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    folder, files, grid_file = output_files(args.out, n_images, args.overwrite)
+    check_writable(folder)
+    seed = secrets.randbelow(2**32) if args.seed == -1 else args.seed  # A1111's -1: random
+    print(f"seed {seed}" + (f" (images get {seed} to {seed + n_images - 1})" if n_images > 1 else "")
+          + (": random; rerun with --seed to get the same" if args.seed == -1 else ""))
 
-    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision)
     if args.scheduler:
-        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
     if args.compile:
         if hasattr(pipe, "compile"):
             pipe.compile()
@@ -160,48 +259,75 @@ def generate_command(args) -> None:
     load_time = time.perf_counter() - start
     print(f"loaded {args.model} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) on {device} "
           f"in {str(dtype).removeprefix('torch.')}: {load_time:.1f} s")
+    # A1111's short model hash: the SHA-256 of the UNet's weights (free for hub downloads, whose
+    # file names are their SHA-256; about 2 s per GB read otherwise), once per run.
+    info = pipe.model_info
+    model = dict(model=info["name"], model_hash=model_hash(info["folder"], args.variant),
+                 model_revision=info.get("revision"))
+    sampler, schedule_type = a1111_names(pipe.scheduler)
 
     f = pipe.vae_scale_factor
     height = args.height or pipe.unet.config.sample_size * f
     width = args.width or pipe.unet.config.sample_size * f
     guidance = pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    # Image i: prompt i // num_images, seed + i, its own generator: any image comes out the same
+    # when made alone with `--seed <its seed> --num-images 1` (exactly so with --batch-size 1).
+    prompts = [args.prompt[i // args.num_images] for i in range(n_images)]
+    negatives = None if not args.negative else [args.negative[min(i // args.num_images, len(args.negative) - 1)]
+                                                for i in range(n_images)]
 
-    def run(tgate):
-        return pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                    guidance_scale=guidance, height=height, width=width, num_images_per_prompt=args.num_images,
-                    generator=torch.Generator(device="cpu").manual_seed(args.seed), tgate=tgate, progress=True)
+    def run(tgate, batch):
+        return pipe([prompts[i] for i in batch], negative_prompt=None if negatives is None else [negatives[i] for i in batch],
+                    num_inference_steps=args.steps, guidance_scale=guidance, height=height, width=width,
+                    generator=[torch.Generator(device="cpu").manual_seed(seed + i) for i in batch],
+                    tgate=tgate, progress=True)
 
-    if args.compare:
-        plain, out = run(None), run(gate)
+    number = None
+    grid, grid_params, timed = [], None, None
+    for first in range(0, n_images, args.batch_size):
+        batch = range(first, min(first + args.batch_size, n_images))
+        if args.compare:
+            plain, out = run(None, batch), run(gate, batch)
+            images = [side_by_side(a, b) for a, b in zip(plain.images, out.images)]  # [no gate | TGATE | |diff|]
+            if timed is None:  # the first pair warmed both paths up (caches, kernels): time a second pair
+                timed = run(None, batch), run(gate, batch)
+                out = timed[1]
+        else:
+            out = run(gate, batch)
+            images = list(out.images)
+        if number is None and files is None:  # the first images: now the folder is needed
+            folder.mkdir(parents=True, exist_ok=True)
+            number = next_number(folder)
+        for i, image in zip(batch, images):
+            p = dict(prompt=prompts[i], seed=seed + i, batch_size=len(batch), batch_pos=i - first, steps=args.steps,
+                     guidance_scale=guidance, scheduler=type(pipe.scheduler).__name__, sampler=sampler,
+                     schedule_type=schedule_type, tgate=gate, **model, width=image.shape[1],
+                     height=image.shape[0], dtype=dtype)
+            if negatives is not None:
+                p["negative_prompt"] = negatives[i]
+            if args.compare:
+                p["layout"] = "no gate | TGATE | difference"
+            if files is None:
+                path, number = save_numbered(folder, image, format_parameters(p), number)
+            else:  # checked above; a file created since is still not replaced
+                save_png(path := files[i], image, format_parameters(p), overwrite=args.overwrite)
+            print(f"saved {path}")
+            if grid_file is not None:
+                grid.append(to_uint8(image))
+                grid_params = grid_params or p  # the first image's, with the grid's own size
+    if grid_file is not None:
+        image = image_grid(grid)
+        p = {**grid_params, "width": image.shape[1], "height": image.shape[0], "grid": n_images}
+        save_png(grid_file, image, format_parameters(p), overwrite=args.overwrite)
+        print(f"saved {grid_file} (all {n_images} images)")
+
+    if timed is not None:
+        plain, out = timed
         print(f"no gate: {phases(plain, args.steps)}")
         print(f"TGATE:   {phases(out, args.steps)} "
-              f"({plain.timings['denoise'] / out.timings['denoise']:.2f}x the denoising speed)")
-        images = [side_by_side(a, b) for a, b in zip(plain.images, out.images)]  # [no gate | TGATE | |diff|]
-    else:
-        out = run(gate)
-        images = list(out.images)
-
-    # Each image with the parameters that made it (prompt i has images i*n .. i*n + n-1).
-    params = []
-    for i in range(len(images)):
-        k = i // args.num_images
-        p = dict(prompt=args.prompt[k], seed=args.seed, batch_index=i, steps=args.steps, guidance_scale=guidance,
-                 scheduler=type(pipe.scheduler).__name__, tgate=gate, model=args.model, width=width,
-                 height=height, dtype=dtype)
-        if args.negative:  # one for all prompts, or one per prompt
-            p["negative_prompt"] = args.negative[min(k, len(args.negative) - 1)]
-        if args.compare:
-            p["layout"] = "no gate | TGATE | difference"
-        params.append(p)
-    files[0].parent.mkdir(parents=True, exist_ok=True)
-    for path, image, p in zip(files, images, params):
-        save_png(path, image, text=format_parameters(p))
-        print(f"saved {path}")
-    if grid_file is not None:
-        save_png(grid_file, image_grid(images), text=format_parameters({**params[0], "grid": len(images)}))
-        print(f"saved {grid_file} (all {len(images)} images)")
-
-    print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, {phases(out, args.steps)}")
+              f"({plain.timings['denoise'] / out.timings['denoise']:.2f}x the denoising speed; "
+              f"timed on a second run of the first batch, after a warm-up run of both)")
+    print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, args.steps)}")
     base = count_macs(pipe.unet.config, height, width, args.steps, guidance, None)["unet_macs"]
     if gate is None:
         print(f"UNet: {si(base)} MACs per image (no gate)")
@@ -231,6 +357,10 @@ def macs_command(args) -> None:
     print(f"  with attention products:              {result['unet_macs_with_attention'] / 1e12:.3f}T")
 
 
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).splitlines()) or type(e).__name__
+
+
 def run(command, args) -> int:
     """Run a command: bad input ends as `error: ...` on stderr and exit code 1, not a traceback."""
     with warnings.catch_warnings():  # warnings on one line too
@@ -238,7 +368,20 @@ def run(command, args) -> int:
         try:
             command(args)
         except ERRORS as e:
-            print(f"error: {' '.join(str(e).splitlines()) or type(e).__name__}", file=sys.stderr)
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 1
+        except torch.OutOfMemoryError as e:
+            first = str(e).strip().split("\n")[0]
+            print(f"error: out of memory on {getattr(args, 'device', None) or 'this device'}: {first} "
+                  "(try a smaller --height/--width, --batch-size or --dtype float16)", file=sys.stderr)
+            return 1
+        except RuntimeError as e:  # torch's errors: a failed compile, a kernel missing for a dtype, ...
+            first = str(e).strip().split("\n")[0]
+            if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                print(f"error: --compile failed: {first} (compiling for the CPU needs a working C++ compiler: "
+                      "install g++ or clang, or set CXX; or rerun without --compile)", file=sys.stderr)
+            else:
+                print(f"error: {type(e).__name__}: {first}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

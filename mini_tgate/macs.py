@@ -15,18 +15,25 @@ Only the UNet is counted (the text encoders and the VAE run once per image, as i
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .attention import Attention
+from .checkpoint import read_json
 from .config import UNetConfig
 from .tgate import REUSE, TGate, plan
 from .unet import UNet2DConditionModel
 
 PRESETS = Path(__file__).resolve().parent / "presets"
+# Bounds of a generation, here and in the command line: SD checkpoints are trained on 1000
+# timesteps (no schedule has more distinct steps), and 4096 px is 4x SDXL's trained size (one such
+# SD-1.5 image needs a 262,144-token self-attention in its first block).
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_BATCH = 4096  # counting runs on the meta device: no memory, the bound only keeps numbers sane
 
 
 def unet_config(arch: str | dict | UNetConfig) -> UNetConfig:
@@ -43,20 +50,33 @@ def unet_config(arch: str | dict | UNetConfig) -> UNetConfig:
     if not path.is_file():
         names = sorted(p.stem for p in PRESETS.glob("*.json"))
         raise ValueError(f"--arch {arch!r}: neither a preset ({', '.join(names)}) nor a UNet config.json")
-    return UNetConfig.from_dict(json.loads(path.read_text()))
+    return UNetConfig.from_dict(read_json(path))  # bounded read; a broken file is named in the error
 
 
 def count_macs(arch="sd15", height: int | None = None, width: int | None = None, steps: int = 25,
                guidance_scale: float = 7.5, tgate: TGate | None = None, batch_size: int = 1,
                text_len: int = 77) -> dict:
     """MACs of the UNet over one generation of `batch_size` images (see the module docstring)."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not (is_int(steps) and 1 <= steps <= MAX_STEPS):
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    if not (isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+            and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if not (is_int(batch_size) and 1 <= batch_size <= MAX_BATCH):
+        raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
+    if not (is_int(text_len) and 1 <= text_len <= 4096):
+        raise ValueError(f"text_len must be an integer from 1 to 4096, got {text_len!r}")
+    if tgate is not None and not isinstance(tgate, TGate):
+        raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
     cfg = unet_config(arch)
-    height = height or cfg.sample_size * 8
-    width = width or cfg.sample_size * 8
-    if height % 8 or width % 8 or height < 8 or width < 8:
-        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    height = cfg.sample_size * 8 if height is None else height
+    width = cfg.sample_size * 8 if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if not (is_int(value) and 8 <= value <= MAX_SIDE and value % 8 == 0):
+            raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
     # CFG doubles the batch, unless the model folds guidance into an embedding (LCM)
     use_cfg = guidance_scale > 1 and cfg.time_cond_proj_dim is None
     with torch.device("meta"):

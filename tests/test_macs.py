@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from mini_tgate.__main__ import main
+from mini_tgate.checkpoint import CheckpointError
 from mini_tgate.macs import count_macs
 from mini_tgate.tgate import TGate
 
@@ -39,3 +41,53 @@ def test_command_line_json():
                           "--sp-interval", "1", "--json"], capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     assert abs(result["unet_macs"] / 1e12 / 11.641 - 1) <= 0.005
+
+
+BAD_ARGUMENTS = [  # (count_macs keyword arguments, what the ValueError says)
+    (dict(steps=0), "steps must be an integer from 1 to 1000, got 0"),
+    (dict(steps=-3), "steps must be an integer from 1 to 1000, got -3"),
+    (dict(steps=200_000_000), "steps must be an integer from 1 to 1000, got 200000000"),
+    (dict(steps=2.5), "steps must be an integer from 1 to 1000, got 2.5"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number, got inf"),
+    (dict(guidance_scale="7.5"), "guidance_scale must be a finite number, got '7.5'"),
+    (dict(height=0), "height must be a multiple of 8 from 8 to 4096, got 0"),  # not the default size
+    (dict(width=100_000), "width must be a multiple of 8 from 8 to 4096, got 100000"),
+    (dict(height=100), "height must be a multiple of 8 from 8 to 4096, got 100"),
+    (dict(batch_size=0), "batch_size must be an integer from 1 to 4096, got 0"),
+    (dict(text_len=10**9), "text_len must be an integer from 1 to 4096, got 1000000000"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        count_macs("sd15", **kwargs)
+    assert str(e.value) == message
+
+
+def test_arch_file_that_is_not_a_config_is_named(tmp_path):
+    not_json, a_list = tmp_path / "notes.json", tmp_path / "list.json"
+    not_json.write_text("{oops")
+    a_list.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=f"^{not_json}: not valid JSON"):
+        count_macs(str(not_json))
+    with pytest.raises(CheckpointError, match=f"^{a_list}: must hold a JSON object"):
+        count_macs(str(a_list))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "error: steps must be an integer from 1 to 1000, got 0"),
+    (["--steps", "200000000"], "error: steps must be an integer from 1 to 1000, got 200000000"),
+    (["--guidance-scale", "nan"], "error: guidance_scale must be a finite number, got nan"),
+    (["--height", "0"], "error: height must be a multiple of 8 from 8 to 4096, got 0"),
+    (["--height", "100000", "--width", "100000"], "error: height must be a multiple of 8 from 8 to 4096"),
+    (["--arch", "{file}"], "error: {file}: not valid JSON"),
+])
+def test_command_line_errors_are_one_line(args, message, tmp_path, capsys):
+    file = tmp_path / "notes.json"
+    file.write_text("not json at all")
+    args = [a.format(file=file) for a in args]
+    assert main(["macs", *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(message.format(file=file)), err
