@@ -350,11 +350,12 @@ def macs_command(args) -> None:
         print(json.dumps(result))
         return
     base = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, None)
-    print(f"UNet MACs, {args.arch} {result['height']}x{result['width']}, {args.steps} steps, "
-          f"{'CFG' if result['cfg'] else 'no CFG'}")
-    print(f"  Linear+Conv (the paper's convention): {result['unet_macs'] / 1e12:.3f}T"
-          f"  (no gate: {base['unet_macs'] / 1e12:.3f}T, saving {1 - result['unet_macs'] / base['unet_macs']:.1%})")
-    print(f"  with attention products:              {result['unet_macs_with_attention'] / 1e12:.3f}T")
+    macs, plain = result["denoiser_macs"], base["denoiser_macs"]
+    print(f"{result['denoiser']} MACs, {args.arch} {result['height']}x{result['width']}, {args.steps} steps, "
+          f"{'CFG' if result['cfg'] else 'no CFG'}, {result['text_len']} text tokens")
+    print(f"  Linear+Conv (the paper's convention): {macs / 1e12:.3f}T"
+          f"  (no gate: {plain / 1e12:.3f}T, saving {1 - macs / plain:.1%})")
+    print(f"  with attention products:              {result['denoiser_macs_with_attention'] / 1e12:.3f}T")
 
 
 def one_line(e: BaseException) -> str:
@@ -402,8 +403,9 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.set_defaults(run=info_command)
 
-    p = sub.add_parser("macs", help="count the UNet's MACs over a generation (no weights needed)")
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl, lcm-sdxl, or a UNet config.json")
+    p = sub.add_parser("macs", help="count the denoiser's MACs over a generation (no weights needed)")
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl, lcm-sdxl, pixart-alpha, pixart-sigma, "
+                   "or a UNet / PixArt transformer config.json")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=25)

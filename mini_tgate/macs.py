@@ -1,16 +1,17 @@
-"""Counting the UNet's multiply-accumulates (MACs) over a whole generation, TGATE included.
+"""Counting the denoiser's multiply-accumulates (MACs) over a whole generation, TGATE included.
 
-The project's own UNet is built on the meta device (no memory, no arithmetic) and run through
-the TGATE plan step by step, exactly as the pipeline runs it: what the gate skips is simply
-never called. Forward hooks count:
+The project's own denoiser (the UNet, or PixArt's transformer) is built on the meta device (no
+memory, no arithmetic) and run through the TGATE plan step by step, exactly as the pipeline runs
+it: what the gate skips is simply never called. Forward hooks count:
 
-- `unet_macs`: every Linear and Conv2d MAC, the convention of Calflops and of the paper's
-  Tables 2 and 3 (attention-score and attention-value products inside scaled-dot-product
-  attention are not counted there);
-- `unet_macs_with_attention`: the same plus those two products (2 * B * heads * T * S * head_dim
-  for each attention computed).
+- `denoiser_macs` (also `unet_macs` for a UNet): every Linear and Conv2d MAC, the convention of
+  Calflops and of the paper's Tables 2 and 3 (attention-score and attention-value products inside
+  scaled-dot-product attention are not counted there);
+- `unet_macs_with_attention` / `denoiser_macs_with_attention`: the same plus those two products
+  (2 * B * heads * T * S * head_dim for each attention computed).
 
-Only the UNet is counted (the text encoders and the VAE run once per image, as in the paper).
+Only the denoiser is counted (the text encoders and the VAE run once per image, as in the paper).
+PixArt's caption projection runs at every step, after the gate too, and is counted there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch import nn
 
 from .attention import Attention
 from .checkpoint import read_json
-from .config import UNetConfig
+from .config import PixArtTransformerConfig, UNetConfig
+from .pixart import PixArtTransformer2DModel
 from .tgate import REUSE, TGate, plan
 from .unet import UNet2DConditionModel
 
@@ -36,12 +38,17 @@ MAX_SIDE = 4096
 MAX_BATCH = 4096  # counting runs on the meta device: no memory, the bound only keeps numbers sane
 
 
-def unet_config(arch: str | dict | UNetConfig) -> UNetConfig:
-    """A bundled preset name (sd15, sd21, sdxl, lcm-sdxl), a path to a UNet config.json, or a config."""
-    if isinstance(arch, UNetConfig):
+PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # Alpha's config names the latter
+
+
+def denoiser_config(arch: str | dict | UNetConfig | PixArtTransformerConfig):
+    """A bundled preset name (sd15, sd21, sdxl, lcm-sdxl, pixart-alpha, pixart-sigma), a path to a
+    UNet or PixArt transformer config.json, or a config; the config's `_class_name` says which."""
+    if isinstance(arch, (UNetConfig, PixArtTransformerConfig)):
         return arch
     if isinstance(arch, dict):
-        return UNetConfig.from_dict(arch)
+        is_pixart = arch.get("_class_name") in PIXART_CLASSES
+        return (PixArtTransformerConfig if is_pixart else UNetConfig).from_dict(arch)
     path = PRESETS / f"{arch}.json"
     if not path.is_file():
         path = Path(arch)
@@ -49,14 +56,17 @@ def unet_config(arch: str | dict | UNetConfig) -> UNetConfig:
             path = path / "config.json"
     if not path.is_file():
         names = sorted(p.stem for p in PRESETS.glob("*.json"))
-        raise ValueError(f"--arch {arch!r}: neither a preset ({', '.join(names)}) nor a UNet config.json")
-    return UNetConfig.from_dict(read_json(path))  # bounded read; a broken file is named in the error
+        raise ValueError(f"--arch {arch!r}: neither a preset ({', '.join(names)}) nor a UNet or PixArt "
+                         "transformer config.json")
+    return denoiser_config(read_json(path))  # bounded read; a broken file is named in the error
 
 
 def count_macs(arch="sd15", height: int | None = None, width: int | None = None, steps: int = 25,
                guidance_scale: float = 7.5, tgate: TGate | None = None, batch_size: int = 1,
-               text_len: int = 77) -> dict:
-    """MACs of the UNet over one generation of `batch_size` images (see the module docstring)."""
+               text_len: int | None = None) -> dict:
+    """MACs of the denoiser over one generation of `batch_size` images (see the module docstring).
+    `text_len`: tokens of text per prompt; default 77 (CLIP) for a UNet, and for PixArt the
+    pipelines' max_sequence_length: 120 for Alpha (micro-conditions on), 300 for Sigma."""
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -67,20 +77,25 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if not (is_int(batch_size) and 1 <= batch_size <= MAX_BATCH):
         raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
-    if not (is_int(text_len) and 1 <= text_len <= 4096):
+    if not (text_len is None or is_int(text_len) and 1 <= text_len <= 4096):
         raise ValueError(f"text_len must be an integer from 1 to 4096, got {text_len!r}")
     if tgate is not None and not isinstance(tgate, TGate):
         raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
-    cfg = unet_config(arch)
+    cfg = denoiser_config(arch)
+    pixart = isinstance(cfg, PixArtTransformerConfig)
+    if text_len is None:
+        text_len = (120 if cfg.additional_conditions else 300) if pixart else 77
     height = cfg.sample_size * 8 if height is None else height
     width = cfg.sample_size * 8 if width is None else width
     for name, value in (("height", height), ("width", width)):
         if not (is_int(value) and 8 <= value <= MAX_SIDE and value % 8 == 0):
             raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
+        if pixart and value // 8 % cfg.patch_size:
+            raise ValueError(f"{name} must be a multiple of {8 * cfg.patch_size} for this transformer, got {value}")
     # CFG doubles the batch, unless the model folds guidance into an embedding (LCM)
-    use_cfg = guidance_scale > 1 and cfg.time_cond_proj_dim is None
+    use_cfg = guidance_scale > 1 and (pixart or cfg.time_cond_proj_dim is None)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cfg)
+        unet = (PixArtTransformer2DModel if pixart else UNet2DConditionModel)(cfg)
 
     counts = {"linear_conv": 0, "attention": 0}
 
@@ -103,18 +118,23 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
         elif isinstance(m, Attention):
             m.register_forward_hook(count_attention)
 
-    def run(step):  # the MACs of one UNet call under this step's gate
+    def run(step):  # the MACs of one denoiser call under this step's gate
         b = batch_size * (2 if step.cfg else 1)
+        unet.set_gate(step)
+        latents = torch.empty(b, cfg.in_channels, height // 8, width // 8)
+        before = dict(counts)
+        if pixart:
+            conditions = {"resolution": torch.empty(b, 2), "aspect_ratio": torch.empty(b, 1)}
+            unet(latents, torch.empty(b, text_len, cfg.caption_channels or cfg.cross_attention_dim), torch.empty(b),
+                 added_cond_kwargs=conditions if cfg.additional_conditions else None)
+            return {k: counts[k] - before[k] for k in counts}
         kw = {}
         if cfg.addition_embed_type == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
             kw["added_cond_kwargs"] = {"text_embeds": torch.empty(b, pooled), "time_ids": torch.empty(b, 6)}
         if cfg.time_cond_proj_dim:
             kw["timestep_cond"] = torch.empty(b, cfg.time_cond_proj_dim)
-        before = dict(counts)
-        unet.set_gate(step)
-        unet(torch.empty(b, cfg.in_channels, height // 8, width // 8), torch.empty(b),
-             torch.empty(b, text_len, cfg.per_block(cfg.cross_attention_dim)[0]), **kw)
+        unet(latents, torch.empty(b), torch.empty(b, text_len, cfg.per_block(cfg.cross_attention_dim)[0]), **kw)
         return {k: counts[k] - before[k] for k in counts}
 
     # Steps with the same gate cost the same: each distinct one is run once (meta device), in order.
@@ -125,7 +145,10 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
                 per_plan[step] = run(step)
             per_step.append(per_plan[step])
     total = {k: sum(s[k] for s in per_step) for k in counts}
-    return {"unet_macs": total["linear_conv"],
-            "unet_macs_with_attention": total["linear_conv"] + total["attention"],
-            "per_step": [s["linear_conv"] for s in per_step], "height": height, "width": width,
-            "steps": steps, "cfg": use_cfg, "tgate": None if tgate is None else vars(tgate)}
+    result = {"denoiser": type(unet).__name__, "denoiser_macs": total["linear_conv"],
+              "denoiser_macs_with_attention": total["linear_conv"] + total["attention"],
+              "per_step": [s["linear_conv"] for s in per_step], "height": height, "width": width,
+              "steps": steps, "text_len": text_len, "cfg": use_cfg, "tgate": None if tgate is None else vars(tgate)}
+    if not pixart:  # the names of the UNet-only first version, kept
+        result.update(unet_macs=result["denoiser_macs"], unet_macs_with_attention=result["denoiser_macs_with_attention"])
+    return result

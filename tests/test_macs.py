@@ -28,6 +28,30 @@ PAPER = [  # (arch, pixels, steps, gate or None, TMACs in the paper)
 ]
 
 
+# PixArt (1024 px, 25 steps, CFG; 120 text tokens for Alpha, 300 for Sigma): the authors' figures
+# (DESIGN.md), the caption projection counted after the gate too.
+PIXART = [
+    ("pixart-alpha", None, 107.031), ("pixart-alpha", TGate(8, 1, 1, 0), 65.318),
+    ("pixart-alpha", TGate(15, 3, 1, 2), 73.971),
+    ("pixart-sigma", None, 107.766), ("pixart-sigma", TGate(15, 3, 1, 2), 74.420),
+]
+
+
+@pytest.mark.parametrize("arch,gate,paper", PIXART)
+def test_pixart_figures(arch, gate, paper):
+    macs = count_macs(arch, 1024, 1024, 25, guidance_scale=4.5, tgate=gate)
+    assert macs["denoiser"] == "PixArtTransformer2DModel" and "unet_macs" not in macs
+    assert abs(macs["denoiser_macs"] / 1e12 / paper - 1) <= 0.005
+
+
+def test_pixart_command_line(capsys):
+    assert main(["macs", "--arch", "pixart-sigma", "--gate-step", "15", "--sp-interval", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text_len"] == 300 and abs(result["denoiser_macs"] / 1e12 / 74.420 - 1) <= 0.005
+    assert main(["macs", "--arch", "pixart-alpha", "--height", "1000"]) == 1  # not a multiple of 16
+    assert "multiple of 16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch,px,steps,gate,paper", PAPER)
 def test_paper_figures(arch, px, steps, gate, paper):
     macs = count_macs(arch, px, px, steps, guidance_scale=7.5, tgate=gate)
