@@ -359,9 +359,20 @@ class PretrainedMixin:
             config = cls.config_class.from_dict(read_json(folder / "config.json"))
         except ConfigError as e:
             raise ConfigError(f"{folder / 'config.json'}: {e}") from None
+        files = weight_files(folder, variant)
         with torch.device("meta"):
-            model = cls(config)
-        return load_weights(model, weight_files(folder, variant), dtype, device)
+            model = cls.for_files(config, files)
+        return load_weights(model, files, dtype, device).after_load(files, dtype, device)
+
+    @classmethod
+    def for_files(cls, config, files: list[Path]):
+        """The (meta-device) model to fill from `files`; a class whose layout depends on what the
+        files hold (T5's embedding names) overrides it."""
+        return cls(config)
+
+    def after_load(self, files: list[Path], dtype, device):
+        """A last step after the strict load (T5 keeps `wo` in float32 under float16)."""
+        return self
 
     def saved_names(self) -> tuple[str, str]:
         """(class name, weights file name) as diffusers / transformers save this model."""

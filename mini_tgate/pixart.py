@@ -29,7 +29,7 @@ from .attention import Attention
 from .checkpoint import PretrainedMixin
 from .config import PixArtTransformerConfig
 from .tgate import COMPUTE, StepPlan
-from .unet import TimestepEmbedding, timestep_embedding
+from .unet import FeedForward, TimestepEmbedding, timestep_embedding
 
 
 def sincos_2d(dim: int, h: int, w: int, base_size: int, interpolation_scale: float,
@@ -121,18 +121,6 @@ class GELUProjection(nn.Module):
         return F.gelu(self.proj(x), approximate="tanh")
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        # keys net.0.proj and net.2 (net.1 is a dropout in diffusers, no weights)
-        self.net = nn.ModuleList([GELUProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class CaptionProjection(nn.Module):
     """Text embeddings to the transformer's width: Linear, GELU (tanh), Linear."""
 
@@ -158,7 +146,7 @@ class PixArtBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
         self.attn2 = Attention(dim, heads, head_dim, cfg.cross_attention_dim, upcast=cfg.upcast_attention,
                                bias=cfg.attention_bias)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, projection=GELUProjection)
         self.scale_shift_table = nn.Parameter(torch.zeros(6, dim))  # learned, added to the timestep's
 
     def forward(self, x, text, text_bias, t6):

@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (CheckpointError, PretrainedMixin, load_weights, pick_dtype, read_json, resolve, weight_files,
-                         write_json)
-from .config import ConfigError, T5Config
+from .checkpoint import CheckpointError, PretrainedMixin, write_json
+from .config import T5Config
 
 # The input embedding is stored as `shared.weight` (the table shared with the decoder),
 # `encoder.embed_tokens.weight` (the encoder's view of it), or both, depending on how the
@@ -209,25 +208,11 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
         return self.encoder["embed_tokens"] if "embed_tokens" in self.encoder else self.shared
 
     @classmethod
-    def from_pretrained(cls, source, subfolder: str | None = None, dtype: torch.dtype | None = None,
-                        device="cpu", variant: str | None = None, local_files_only: bool = False,
-                        cache_dir=None, revision: str | None = None, torch_dtype: torch.dtype | None = None):
-        """As PretrainedMixin.from_pretrained, with two T5 specifics: the embedding is loaded
-        under whichever of EMBEDDING_KEYS the checkpoint holds, and in float16 every `wo` is
-        read again from the file in float32, as transformers keeps it."""
+    def for_files(cls, config: T5Config, files: list[Path]):
+        """The embedding is registered under whichever of EMBEDDING_KEYS the checkpoint holds
+        (read from the files' headers only), so the strict load finds every key it expects."""
         from safetensors import safe_open
 
-        dtype = pick_dtype(dtype, torch_dtype)
-        folder = resolve(source, variant, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
-        if subfolder:
-            folder = folder / subfolder
-            if not folder.is_dir():
-                raise CheckpointError(f"{folder}: missing component folder")
-        try:
-            config = cls.config_class.from_dict(read_json(folder / "config.json"))
-        except ConfigError as e:
-            raise ConfigError(f"{folder / 'config.json'}: {e}") from None
-        files = weight_files(folder, variant)
         stored = set()
         for f in files:
             if f.is_file():  # a missing shard is reported by load_weights
@@ -236,17 +221,20 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
                         stored.update(k for k in sf.keys() if k in EMBEDDING_KEYS)
                 except Exception as e:
                     raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
-        with torch.device("meta"):
-            model = cls(config, tuple(k for k in EMBEDDING_KEYS if k in stored) or ("shared.weight",))
-        load_weights(model, files, dtype, device)
+        return cls(config, tuple(k for k in EMBEDDING_KEYS if k in stored) or ("shared.weight",))
+
+    def after_load(self, files: list[Path], dtype, device):
+        """In float16 every `wo` is read again from the file in float32, as transformers keeps it."""
+        from safetensors import safe_open
+
         if dtype == torch.float16:
             for f in files:
                 with safe_open(f, framework="pt") as sf:
                     for k in sf.keys():
                         if k.endswith(".DenseReluDense.wo.weight"):
-                            wo = model.get_submodule(k.removesuffix(".weight"))
+                            wo = self.get_submodule(k.removesuffix(".weight"))
                             wo.weight = nn.Parameter(sf.get_tensor(k).float().to(device), requires_grad=False)
-        return model
+        return self
 
     def save_pretrained(self, folder) -> None:
         """Write `config.json` and `model.safetensors` as transformers saves a T5EncoderModel

@@ -85,10 +85,13 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4):
+    """The transformer blocks' MLP: a projection with its activation (`GEGLU` in the UNet, PixArt
+    passes its GELU-tanh one), then Linear back to `dim`."""
+
+    def __init__(self, dim: int, mult: int = 4, projection=GEGLU):
         super().__init__()
         # keys net.0.proj and net.2 (net.1 is a dropout in diffusers, no weights)
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([projection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
 
     def forward(self, x):
         for layer in self.net:
