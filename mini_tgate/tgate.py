@@ -16,6 +16,10 @@ matters little early and a lot later. So denoising is split at the gate step m:
 each step; it reproduces `tgate_scheduler` of the authors' `tgate` 1.0.0 package step for step.
 The pipeline hands each step's `StepPlan` to `UNet2DConditionModel.set_gate`, which sets the
 `gate` of every `Attention` module (attention.py, the only place that acts on it).
+
+With `DeepCache` (below) the plan also says which steps run the whole UNet and which only its
+shallow branch; the UNet keeps the deep feature like an attention keeps its output. Together
+they reproduce the authors' `TgateSDDeepCacheLoader` / `TgateSDXLDeepCacheLoader`.
 """
 
 from __future__ import annotations
@@ -53,25 +57,74 @@ class TGate:
 
 
 @dataclass(frozen=True)
+class DeepCache:
+    """DeepCache (Ma et al., "DeepCache: Accelerating Diffusion Models for Free", arXiv 2312.00858):
+    the UNet's high-level features change little from one step to the next, so only every
+    `interval`-th step runs the whole UNet; the steps between run its shallow branch alone (the
+    time embedding, `conv_in`, the outermost layers of the down and up paths, `conv_out`), fed
+    with the deep feature the last full step handed to it.
+
+    interval: a full step every `interval` steps (1: every step is full).
+    branch: where the deep part begins, in the DeepCache package's numbering: up/down block
+        `branch // 3` (0 is the outermost), layer `branch % 3` in it. 0 is the shallowest branch
+        (the cheapest steps); the largest, 3 x blocks - 1, skips only the mid block.
+    """
+
+    interval: int = 3
+    branch: int = 0
+
+    def __post_init__(self):
+        for name, low in (("interval", 1), ("branch", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"DeepCache {name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
 class StepPlan:
     cross_attn: str  # what cross-attention layers do: COMPUTE / CACHE / CACHE_MEAN / REUSE
-    self_attn: str   # what self-attention layers do
+    self_attn: str   # what self-attention layers do (those in the deep part: deep_self_attn)
     cfg: bool        # whether the UNet runs the doubled [unconditional, conditional] batch
+    # DeepCache only (defaults: no DeepCache, the UNet runs whole)
+    branch: int | None = None  # DeepCache's branch: where the UNet's deep part begins
+    deep: str = COMPUTE        # the deep part, like an attention: COMPUTE; CACHE (compute, keep the feature
+    #                            it hands the shallow branch); REUSE (a shallow step: skip it, use the kept feature)
+    deep_self_attn: str | None = None  # what self-attention inside the deep part does on a full step
 
 
-def plan(tgate: TGate | None, num_steps: int, cfg: bool) -> list[StepPlan]:
-    """What every attention layer does at each of `num_steps` steps (see the module docstring)."""
-    if tgate is None:
-        return [StepPlan(COMPUTE, COMPUTE, cfg)] * num_steps
-    m, k, fi, warm_up = tgate.gate_step, tgate.sp_interval, tgate.fi_interval, tgate.warm_up
-    mean = CACHE_MEAN if cfg else CACHE  # without CFG there is nothing to average
-    steps = []
+def plan(tgate: TGate | None, num_steps: int, cfg: bool, deepcache: DeepCache | None = None) -> list[StepPlan]:
+    """What every attention layer (and, with DeepCache, the UNet's deep part) does at each of
+    `num_steps` steps (see the module docstring)."""
+    m = tgate.gate_step if tgate is not None else None
+    # DeepCache: a full step when (i - anchor) % interval == 0. The anchor is step 0, and with TGATE
+    # also m-1 (every attention must run to cache its CFG mean) and m (the batch halves): tgate's
+    # loaders force those two full and restart the interval from m.
+    full, anchor = [], 0
     for i in range(num_steps):
-        if i < m - 1:    # semantics planning
-            sa = COMPUTE if i < warm_up else CACHE if i == warm_up or i % k == 0 else REUSE
-            steps.append(StepPlan(COMPUTE, sa, cfg))
+        anchor = i if tgate is not None and i in (m - 1, m) else anchor
+        full.append(deepcache is None or (i - anchor) % deepcache.interval == 0)
+    mean = CACHE_MEAN if cfg else CACHE  # without CFG there is nothing to average
+    steps, deep_sa_cached = [], False  # deep_sa_cached: has a full step cached the deep part's self-attention?
+    for i in range(num_steps):
+        if tgate is None:
+            ca, sa, doubled = COMPUTE, COMPUTE, cfg
+        elif i < m - 1:    # semantics planning
+            k, warm_up = tgate.sp_interval, tgate.warm_up
+            ca, sa, doubled = COMPUTE, COMPUTE if i < warm_up else CACHE if i == warm_up or i % k == 0 else REUSE, cfg
         elif i == m - 1:  # the gate
-            steps.append(StepPlan(mean, mean, cfg))
-        else:            # fidelity improving: CFG dropped
-            steps.append(StepPlan(REUSE, CACHE if i % fi == 0 else REUSE, False))
+            ca, sa, doubled = mean, mean, cfg
+        else:             # fidelity improving: CFG dropped
+            ca, sa, doubled = REUSE, CACHE if i % tgate.fi_interval == 0 else REUSE, False
+        if deepcache is None:
+            steps.append(StepPlan(ca, sa, doubled))
+            continue
+        # Attention in the deep part runs on full steps only, so a cache step that was shallow
+        # wrote nothing there: it reuses the last full step's cache, or, with none yet, computes
+        # (tgate's `reuse and cache != None`). Cross-attention never meets this: its only cache
+        # step, m-1, is always full.
+        deep_sa = COMPUTE if sa == REUSE and not deep_sa_cached else sa
+        deep_sa_cached |= full[i] and sa in (CACHE, CACHE_MEAN)
+        next_shallow = i + 1 < num_steps and not full[i + 1]
+        deep = (CACHE if next_shallow else COMPUTE) if full[i] else REUSE
+        steps.append(StepPlan(ca, sa, doubled, deepcache.branch, deep, deep_sa))
     return steps
