@@ -73,11 +73,13 @@ def gate_from(args) -> TGate | None:
 # ----------------------------------------------------------------------------- generate: options
 
 def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
-                         model: str | os.PathLike = DEFAULT_MODEL) -> None:
-    """The options of `generate`; examples/sample.py passes a default prompt and model."""
-    if prompt is None:
+                         model: str | os.PathLike = DEFAULT_MODEL, prompt_argument: bool = True) -> None:
+    """The options of `generate`; examples/sample.py passes a default prompt and model, `batch`
+    prompt_argument=False (its prompts come from a file). An option added here works in `batch`
+    too when its effect is in check_options, load_from_options or call_options."""
+    if prompt_argument and prompt is None:
         p.add_argument("prompt", nargs="+", help="one or more prompts (quote each one)")
-    else:
+    elif prompt_argument:
         p.add_argument("prompt", nargs="*", default=[prompt], help=f"one or more prompts (default: {prompt!r})")
     p.add_argument("--negative", action="append", help="negative prompt; repeat it to give one per prompt")
     p.add_argument("--model", default=str(model),
@@ -212,6 +214,43 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def check_options(args) -> None:
+    """The checks of generate's options that do not depend on the prompts (shared with `batch`)."""
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps {args.steps}: must be from 1 to {MAX_STEPS} (the training timesteps of SD models)")
+    check_size("height", args.height)
+    check_size("width", args.width)
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size {args.batch_size}: must be from 1 to {MAX_BATCH}")
+    if args.scheduler is not None and args.scheduler.strip().lower() not in {n.lower() for n in SCHEDULER_NAMES}:
+        raise ValueError(f"--scheduler {args.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
+
+
+def load_from_options(args, device: torch.device, dtype: torch.dtype):
+    """The pipeline generate's options ask for (shared with `batch`)."""
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision)
+    if args.scheduler:
+        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
+    if args.compile:
+        if hasattr(pipe, "compile"):
+            pipe.compile()
+        else:
+            warnings.warn("this pipeline has no compile(); running without torch.compile")
+    return pipe
+
+
+def call_options(args, pipe) -> dict:
+    """The pipeline call's keyword arguments that generate's options set, defaults resolved
+    (shared with `batch`); the prompts, generators and gate are the caller's."""
+    f = pipe.vae_scale_factor
+    return dict(num_inference_steps=args.steps,
+                guidance_scale=pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
+                height=args.height or pipe.unet.config.sample_size * f,
+                width=args.width or pipe.unet.config.sample_size * f)
+
+
 def generate_command(args) -> None:
     start = time.perf_counter()
     # Everything the arguments alone decide is checked here, before the model (minutes for SDXL) loads.
@@ -223,23 +262,14 @@ def generate_command(args) -> None:
     if args.negative and len(args.negative) not in (1, len(args.prompt)):
         raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
                          "(give one for all prompts, or one per prompt)")
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise ValueError(f"--steps {args.steps}: must be from 1 to {MAX_STEPS} (the training timesteps of SD models)")
-    check_size("height", args.height)
-    check_size("width", args.width)
-    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    check_options(args)
     n_images = len(args.prompt) * args.num_images
     if not 1 <= args.num_images or n_images > MAX_IMAGES:
         raise ValueError(f"--num-images {args.num_images}: from 1 to {MAX_IMAGES // len(args.prompt)} "
                          f"for {len(args.prompt)} prompt(s) ({MAX_IMAGES} images a run at most)")
-    if not 1 <= args.batch_size <= MAX_BATCH:
-        raise ValueError(f"--batch-size {args.batch_size}: must be from 1 to {MAX_BATCH}")
     if args.seed != -1 and not 0 <= args.seed <= SEED_RANGE - n_images:
         raise ValueError(f"--seed {args.seed}: must be -1 (random) or from 0 to 2**63 - {n_images} "
                          f"(image i gets seed + i)")
-    if args.scheduler is not None and args.scheduler.strip().lower() not in {n.lower() for n in SCHEDULER_NAMES}:
-        raise ValueError(f"--scheduler {args.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
     folder, files, grid_file = output_files(args.out, n_images, args.overwrite)
@@ -248,14 +278,7 @@ def generate_command(args) -> None:
     print(f"seed {seed}" + (f" (images get {seed} to {seed + n_images - 1})" if n_images > 1 else "")
           + (": random; rerun with --seed to get the same" if args.seed == -1 else ""))
 
-    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision)
-    if args.scheduler:
-        pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
-    if args.compile:
-        if hasattr(pipe, "compile"):
-            pipe.compile()
-        else:
-            warnings.warn("this pipeline has no compile(); running without torch.compile")
+    pipe = load_from_options(args, device, dtype)
     load_time = time.perf_counter() - start
     print(f"loaded {args.model} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) on {device} "
           f"in {str(dtype).removeprefix('torch.')}: {load_time:.1f} s")
@@ -266,10 +289,8 @@ def generate_command(args) -> None:
                  model_revision=info.get("revision"))
     sampler, schedule_type = a1111_names(pipe.scheduler)
 
-    f = pipe.vae_scale_factor
-    height = args.height or pipe.unet.config.sample_size * f
-    width = args.width or pipe.unet.config.sample_size * f
-    guidance = pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    options = call_options(args, pipe)
+    height, width, guidance = options["height"], options["width"], options["guidance_scale"]
     # Image i: prompt i // num_images, seed + i, its own generator: any image comes out the same
     # when made alone with `--seed <its seed> --num-images 1` (exactly so with --batch-size 1).
     prompts = [args.prompt[i // args.num_images] for i in range(n_images)]
@@ -278,8 +299,7 @@ def generate_command(args) -> None:
 
     def run(tgate, batch):
         return pipe([prompts[i] for i in batch], negative_prompt=None if negatives is None else [negatives[i] for i in batch],
-                    num_inference_steps=args.steps, guidance_scale=guidance, height=height, width=width,
-                    generator=[torch.Generator(device="cpu").manual_seed(seed + i) for i in batch],
+                    **options, generator=[torch.Generator(device="cpu").manual_seed(seed + i) for i in batch],
                     tgate=tgate, progress=True)
 
     number = None
