@@ -32,7 +32,7 @@ from .macs import MAX_SIDE, MAX_STEPS, count_macs
 from .pipeline import load_pipeline
 from .png import describe, format_parameters, image_grid, save_png, side_by_side, to_uint8
 from .schedulers import SCHEDULER_NAMES, a1111_names, scheduler_by_name
-from .tgate import TGate
+from .tgate import DeepCache, TGate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,6 +70,22 @@ def gate_from(args) -> TGate | None:
     return TGate(args.gate_step, args.sp_interval, args.fi_interval, args.warm_up)
 
 
+def add_deepcache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deepcache-interval", type=int,
+                   help="DeepCache: run the whole UNet every N steps, its shallow branch in between (default: off)")
+    p.add_argument("--deepcache-branch", type=int,
+                   help="DeepCache's branch: where the deep part begins, 0 (the cheapest steps) to 3 x blocks - 1 "
+                        "(default 0)")
+
+
+def deepcache_from(args) -> DeepCache | None:
+    if args.deepcache_interval is None:
+        if args.deepcache_branch is not None:
+            raise ValueError("--deepcache-branch needs --deepcache-interval")
+        return None
+    return DeepCache(args.deepcache_interval, 0 if args.deepcache_branch is None else args.deepcache_branch)
+
+
 # ----------------------------------------------------------------------------- generate: options
 
 def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
@@ -102,6 +118,7 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
                    help=f"images denoised together, 1 to {MAX_BATCH} (default 1; more is faster on a GPU)")
     add_gate_options(p)
     p.add_argument("--no-tgate", action="store_true", help="plain sampling, no gate")
+    add_deepcache_options(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the pipeline's hot path")
     p.add_argument("--compare", action="store_true",
                    help="also run without the gate (same seed); save [no gate | TGATE | difference]")
@@ -226,6 +243,7 @@ def check_options(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: must be from 1 to {MAX_BATCH}")
     if args.scheduler is not None and args.scheduler.strip().lower() not in {n.lower() for n in SCHEDULER_NAMES}:
         raise ValueError(f"--scheduler {args.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
+    deepcache_from(args)  # its range here; the branch's upper bound is the UNet's, checked by the call
 
 
 def load_from_options(args, device: torch.device, dtype: torch.dtype):
@@ -245,10 +263,12 @@ def call_options(args, pipe) -> dict:
     """The pipeline call's keyword arguments that generate's options set, defaults resolved
     (shared with `batch`); the prompts, generators and gate are the caller's."""
     f = pipe.vae_scale_factor
+    deepcache = deepcache_from(args)
     return dict(num_inference_steps=args.steps,
                 guidance_scale=pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
                 height=args.height or pipe.unet.config.sample_size * f,
-                width=args.width or pipe.unet.config.sample_size * f)
+                width=args.width or pipe.unet.config.sample_size * f,
+                **({} if deepcache is None else {"deepcache": deepcache}))
 
 
 def generate_command(args) -> None:
