@@ -204,7 +204,7 @@ class Scheduler:
         self._require(prediction_type=PREDICTION_TYPES)
         check_config_values(type(self).__name__, self.config)
         self.alphas_cumprod = torch.cumprod(1.0 - betas_for(self.config), dim=0)  # abar_t, float32
-        self.timesteps, self.num_inference_steps, self._schedule = None, None, []
+        self.timesteps, self.num_inference_steps, self._schedule, self.begin_index = None, None, [], 0
 
     @classmethod
     def from_config(cls, config: dict, **overrides):
@@ -262,6 +262,19 @@ class Scheduler:
     def _set(self, timesteps: torch.Tensor, device, num_inference_steps: int):
         self.timesteps, self.num_inference_steps = timesteps.to(device), num_inference_steps
         self._schedule = timesteps.tolist()
+        self.begin_index = 0
+
+    def set_begin_index(self, begin_index: int) -> None:
+        """Start at step `begin_index` of the schedule set (img2img runs only the last steps;
+        diffusers' name): add_noise noises to that step's level, counting schedulers count from it."""
+        self.begin_index = begin_index
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: the training process's noising, at a
+        timestep per sample (or one for all), as diffusers' DDPM-family add_noise."""
+        abar = self.alphas_cumprod.to(original_samples.dtype)[torch.as_tensor(timesteps, device="cpu").long()]
+        abar = abar.to(original_samples.device).reshape(-1, *[1] * (original_samples.ndim - 1))
+        return abar**0.5 * original_samples + (1 - abar) ** 0.5 * noise
 
     def index_of(self, timestep) -> int:
         """The step index: where `timestep` stands in `.timesteps` (its first occurrence)."""
@@ -433,6 +446,12 @@ class SigmaScheduler(Scheduler):
     def scale_model_input(self, sample, timestep):
         sigma = self.sigmas[self.index_of(timestep)]
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def add_noise(self, original_samples, noise, timesteps=None):
+        """x = x_0 + sigma eps at the noise level of step `begin_index` (diffusers' rule for
+        img2img: the timesteps are not looked up)."""
+        sigma = self.sigmas[self.begin_index].to(original_samples.device, original_samples.dtype)
+        return original_samples + noise * sigma
 
     def _x0(self, model_output, x, sigma):
         """x_0 estimated from the model output at noise level sigma (x in float32)."""
@@ -626,6 +645,16 @@ class DPMSolverMultistepScheduler(Scheduler):
         alpha = 1 / ((sigma**2 + 1) ** 0.5)
         sigma_vp = sigma * alpha
         return alpha, sigma_vp, torch.log(alpha) - torch.log(sigma_vp)
+
+    def set_begin_index(self, begin_index: int) -> None:
+        super().set_begin_index(begin_index)
+        self.step_index, self.prev_x0 = begin_index, None  # no history yet: a first-order step first
+
+    def add_noise(self, original_samples, noise, timesteps=None):
+        """x = alpha x_0 + sigma_vp eps at the noise level of step `begin_index` (as diffusers)."""
+        sigma = self.sigmas[self.begin_index].to(original_samples.device, original_samples.dtype)
+        alpha, sigma_vp, _ = self._alpha_sigma_lambda(sigma)
+        return alpha * original_samples + sigma_vp * noise
 
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         """One step; `timestep` must be `.timesteps[step_index]` (steps are counted, in order)."""
