@@ -1,0 +1,449 @@
+"""Single-file checkpoints: one `.safetensors` in the original LDM layout (A1111, ComfyUI, CivitAI).
+
+Stable Diffusion was released as one file holding the whole `LatentDiffusion` model of the
+CompVis/Stability code, and most fine-tunes are still shared that way. Its keys name the
+original modules:
+
+    model.diffusion_model.*            the UNet (openaimodel.UNetModel: input_blocks, middle_block, output_blocks)
+    first_stage_model.*                the VAE (encoder.down.i.block.j, decoder.up.i..., mid.attn_1)
+    cond_stage_model.transformer.*     SD-1: OpenAI CLIP ViT-L/14, already in transformers' names
+    cond_stage_model.model.*           SD-2: OpenCLIP ViT-H/14 (resblocks, fused in_proj attention)
+    conditioner.embedders.0.transformer.*   SDXL: CLIP ViT-L/14 (transformers' names)
+    conditioner.embedders.1.model.*         SDXL: OpenCLIP ViT-bigG/14 (with text_projection)
+
+This file is the one renaming table of the project: `rename_table` says, for every tensor the
+diffusers-layout models need, which key of the file it comes from and how it is reshaped
+(a third of a fused q/k/v projection, a transposed projection, a 1x1 convolution read as a
+linear layer). The models are then built on the meta device and filled strictly, as
+checkpoint.py fills them from a diffusers folder. The block arithmetic was learned by reading
+diffusers' `single_file_utils.py` (convert_ldm_unet_checkpoint and friends).
+
+What the file cannot say comes from presets (mini_tgate/presets/*.json for the UNets, the
+constants below for the rest, all as the reference diffusers repos configure them) or, as with
+diffusers' `from_single_file(config=...)`, from a local diffusers folder given as `config`.
+
+Keys ignored on purpose (anything else the table does not use is an error naming it):
+- `model_ema.*`: the training-time EMA copy; A1111 and diffusers also run `model.diffusion_model`
+  (released files put the EMA weights there already);
+- the DDPM noise-schedule buffers (`betas`, `alphas_cumprod`, ...): the scheduler is rebuilt
+  from its config;
+- `position_ids` (0..76, recomputed) and OpenCLIP's `logit_scale` (contrastive training only);
+- SD-2 only: the last OpenCLIP block and `text_projection`. SD-2 conditions on the penultimate
+  layer's output (followed by the final layer norm), so diffusers' SD-2 text encoder is the
+  OpenCLIP tower without its last block, and its pooled projection is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from .checkpoint import PICKLE_SUFFIXES, CheckpointError, pick_dtype, read_json
+from .config import CLIPTextConfig, UNetConfig, VAEConfig
+from .schedulers import scheduler_from_config
+from .text_encoder import CLIPTextModel
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel
+from .vae import AutoencoderKL
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+CLIP_VOCABULARY = Path(__file__).resolve().parent.parent / "weights" / "clip"
+
+# Bounds on what a file may make us read. A real header is 100-400 KB (SDXL with an EMA copy:
+# ~6,000 tensors); the largest real files (SDXL in float32 with EMA) are ~14 GB.
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TENSORS = 20_000
+MAX_FILE_BYTES = 64 * 2**30
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_CLIP = "cond_stage_model.transformer."
+SD2_OPENCLIP = "cond_stage_model.model."
+SDXL_CLIP = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP = "conditioner.embedders.1.model."
+
+DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2", "logvar"}
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# ----------------------------------------------------------------------------- presets
+
+# The text encoders. CLIP's heads are always 64 wide; OpenAI's CLIP uses quick_gelu, OpenCLIP gelu.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu")
+OPENCLIP_H_SD2 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,  # 24 minus the last
+                      num_attention_heads=16, projection_dim=512, hidden_act="gelu")
+OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                     projection_dim=1280, hidden_act="gelu", architectures=["CLIPTextModelWithProjection"])
+
+# SD's noise schedule. SD-1.5 ships PNDM (not implemented here; DDIM on the same schedule, as
+# scheduler_from_config would pick), SD-2.1 DDIM, SDXL Euler: each with its repo's settings.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   steps_offset=1, timestep_spacing="leading")
+DDIM = dict(_class_name="DDIMScheduler", clip_sample=False, set_alpha_to_one=False, **SD_SCHEDULE)
+EULER = dict(_class_name="EulerDiscreteScheduler", interpolation_type="linear", use_karras_sigmas=False,
+             **SD_SCHEDULE)
+
+# kind -> (UNet preset, VAE scaling factor, text encoder configs, scheduler, default prediction type).
+# SD-2: the released single files are mostly the 768 px v-prediction models (2.0-v, 2.1), as
+# diffusers also assumes; the 512 px "base" ones are epsilon: pass prediction_type="epsilon" and
+# the default size becomes 512 px.
+KINDS = {
+    "sd1": ("sd15", 0.18215, [CLIP_L], DDIM, "epsilon"),
+    "sd2": ("sd21", 0.18215, [OPENCLIP_H_SD2], DDIM, "v_prediction"),
+    "sdxl": ("sdxl", 0.13025, [CLIP_L, OPENCLIP_BIGG], EULER, "epsilon"),
+}
+
+
+# ----------------------------------------------------------------------------- reading the file
+
+def read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every tensor, from the safetensors header only, with bounds:
+    the header must be at most MAX_HEADER_BYTES, name at most MAX_TENSORS tensors, and each
+    tensor must lie inside the file."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: pickle-based checkpoints are refused because unpickling can execute "
+                              "arbitrary code; convert it to .safetensors first")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(f"{path}: {size / 2**30:.1f} GiB, larger than any Stable Diffusion checkpoint "
+                              f"(limit {MAX_FILE_BYTES // 2**30} GiB)")
+    with open(path, "rb") as f:
+        start = f.read(8)
+        n = struct.unpack("<Q", start)[0] if len(start) == 8 else -1
+        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n}; a header is 2 bytes to "
+                                  f"{MAX_HEADER_BYTES // 2**20} MiB and lies inside the file)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: {len(header)} tensors, more than a checkpoint holds (limit {MAX_TENSORS})")
+    shapes = {}
+    for name, entry in header.items():
+        try:
+            shape, dtype, (begin, end) = tuple(entry["shape"]), entry["dtype"], entry["data_offsets"]
+            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end <= size - 8 - n
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})")
+        shapes[name] = (shape, dtype)
+    return shapes
+
+
+def detect_kind(keys) -> str:
+    """sd1, sd2 or sdxl, from the text encoders the file holds (the UNets differ in shapes only)."""
+    keys = set(keys)
+    if not any(k.startswith(UNET) for k in keys) or not any(k.startswith(VAE) for k in keys):
+        raise CheckpointError("not a Stable Diffusion checkpoint in the LDM layout: no keys under "
+                              f"'{UNET}' (UNet) and '{VAE}' (VAE)")
+    if any(k.startswith(SDXL_OPENCLIP) for k in keys) and any(k.startswith(SDXL_CLIP) for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise CheckpointError("an SDXL refiner checkpoint (one OpenCLIP text encoder); only SD 1.x, SD 2.x and "
+                              "SDXL base single files are supported")
+    if any(k.startswith(SD2_OPENCLIP) for k in keys):
+        return "sd2"
+    if any(k.startswith(SD1_CLIP) for k in keys):
+        return "sd1"
+    raise CheckpointError("a single-file checkpoint without a known text encoder (expected "
+                          f"'{SD1_CLIP}', '{SD2_OPENCLIP}' or '{SDXL_CLIP}' + '{SDXL_OPENCLIP}' keys)")
+
+
+# ----------------------------------------------------------------------------- the renaming table
+# Each rule turns the key of one tensor of the file (prefix removed) into its diffusers name, or
+# None when no rule applies (the caller then reports the key as unknown).
+
+RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+          ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
+
+
+def unet_name(key: str, layers_per_block: int) -> str | None:
+    """openaimodel.UNetModel -> UNet2DConditionModel.
+
+    input_blocks.0 is conv_in. Then each down level has `layers_per_block` (resnet[, attention])
+    entries followed, except at the last level, by one downsampler entry: input block i >= 1 is
+    entry (i-1) % (L+1) of level (i-1) // (L+1). Output blocks: L+1 entries per level, each a
+    resnet [, attention] [, upsampler] (the last entry of a level but the last carries it).
+    Inside attention blocks (SpatialTransformer) the names are already diffusers'."""
+    fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+             "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",  # SDXL
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+    for old, new in fixed.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    # input and output blocks are sequences of layers (input_blocks.i.0 the resnet, .1 the
+    # attention, ...); the middle block is one sequence: resnet, attention, resnet
+    m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|middle_block\.(\d+)\.(.+)", key)
+    if not m:
+        return None
+    part, i, sub, rest = (m[1], int(m[2]), int(m[3]), m[4]) if m[1] else ("middle_block", int(m[5]), 0, m[6])
+    resnet = rest
+    for old, new in RESNET:
+        if rest.startswith(old):
+            resnet = new + rest[len(old):]
+    if part == "middle_block":
+        return {0: f"mid_block.resnets.0.{resnet}", 1: f"mid_block.attentions.0.{rest}",
+                2: f"mid_block.resnets.1.{resnet}"}.get(i)
+    per_level = layers_per_block + 1
+    if part == "input_blocks":
+        level, j = divmod(i - 1, per_level)
+        if j == layers_per_block:  # the downsampler: input_blocks.i.0.op
+            return f"down_blocks.{level}.downsamplers.0.conv.{rest[3:]}" if rest.startswith("op.") else None
+        return f"down_blocks.{level}.resnets.{j}.{resnet}" if sub == 0 else f"down_blocks.{level}.attentions.{j}.{rest}"
+    level, j = divmod(i, per_level)
+    if sub == 0:
+        return f"up_blocks.{level}.resnets.{j}.{resnet}"
+    if rest.startswith("conv."):  # output_blocks.i.1.conv (no attention at this level) or .2.conv
+        return f"up_blocks.{level}.upsamplers.0.{rest}"
+    return f"up_blocks.{level}.attentions.{j}.{rest}" if sub == 1 else None
+
+
+VAE_ATTENTION = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
+
+
+def vae_name(key: str, levels: int) -> str | None:
+    """The LDM autoencoder -> AutoencoderKL. The decoder counts its levels from the bottom
+    (up.0 is the last to run), diffusers from the top: up.i is up_blocks.(levels-1-i)."""
+    key = key.replace("nin_shortcut.", "conv_shortcut.")
+    for old, new in (("encoder.norm_out.", "encoder.conv_norm_out."), ("decoder.norm_out.", "decoder.conv_norm_out.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\.\w+|(post_)?quant_conv\.\w+", key):
+        return key
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.+)", key)
+    if m and (m[1], m[2]) in (("encoder", "down"), ("decoder", "up")):
+        level = int(m[3]) if m[2] == "down" else levels - 1 - int(m[3])
+        where = f"{m[1]}.{m[2]}_blocks.{level}"
+        if m[5] is not None:
+            return f"{where}.resnets.{m[5]}.{m[6]}"
+        return f"{where}.{m[4]}rs.0.{m[6]}"  # downsamplers / upsamplers
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_1|block_2|attn_1)\.(.+)", key)
+    if not m:
+        return None
+    if m[2] != "attn_1":
+        return f"{m[1]}.mid_block.resnets.{int(m[2][-1]) - 1}.{m[3]}"
+    for old, new in VAE_ATTENTION.items():
+        if m[3].startswith(old):
+            return f"{m[1]}.mid_block.attentions.0.{new}{m[3][len(old):]}"
+    return None
+
+
+OPENCLIP_BLOCK = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.",
+                  "mlp.c_proj.": "mlp.fc2.", "attn.out_proj.": "self_attn.out_proj."}
+
+
+def openclip_names(key: str) -> list[tuple[str, str]] | None:
+    """OpenCLIP's text tower -> CLIPTextModel: [(diffusers name, how)]. Its attention keeps q, k
+    and v in one (3*width, width) `in_proj` (nn.MultiheadAttention): one key gives three tensors.
+    `text_projection` is applied as x @ P, a Linear weight is P transposed."""
+    fixed = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+             "positional_embedding": "text_model.embeddings.position_embedding.weight",
+             "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias"}
+    if key in fixed:
+        return [(fixed[key], "")]
+    if key == "text_projection":
+        return [("text_projection.weight", "T")]
+    m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", key)
+    if not m:
+        return None
+    layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        what = rest.rsplit("_", 1)[1]
+        return [(f"{layer}self_attn.{p}_proj.{what}", p) for p in "qkv"]
+    for old, new in OPENCLIP_BLOCK.items():
+        if rest.startswith(old):
+            return [(layer + new + rest[len(old):], "")]
+    return None
+
+
+def rename_table(shapes: dict, kind: str, layers_per_block: int) -> dict[tuple[str, str], tuple[str, str]]:
+    """(component, diffusers name) -> (key in the file, how to reshape it), for every tensor the
+    pipeline's models take. Keys it cannot place raise a CheckpointError naming a few of them."""
+    table, unknown = {}, []
+    vae_levels = 1 + max((int(m[1]) for k in shapes if (m := re.match(rf"{VAE}decoder\.up\.(\d+)\.", k))), default=-1)
+    openclip = {"sd2": SD2_OPENCLIP, "sdxl": SDXL_OPENCLIP}.get(kind)
+    clip = {"sd1": SD1_CLIP, "sdxl": SDXL_CLIP}.get(kind)
+    encoder = "text_encoder_2" if kind == "sdxl" else "text_encoder"
+    last_block = max((int(m[1]) for k in shapes if openclip and (m := re.match(rf"{openclip}transformer\.resblocks\.(\d+)\.", k))),
+                     default=-1)
+    sd2_unused = {f"{SD2_OPENCLIP}text_projection"} | {k for k in shapes if k.startswith(f"{SD2_OPENCLIP}transformer.resblocks.{last_block}.")}
+    for key in shapes:
+        names = None
+        if (key.startswith("model_ema.") or key in DDPM_BUFFERS or key.endswith((".position_ids", ".logit_scale"))
+                or (kind == "sd2" and key in sd2_unused)):
+            continue  # on purpose: see the module docstring
+        if key.startswith(UNET):
+            new = unet_name(key[len(UNET):], layers_per_block)
+            names = new and [("unet", new, "")]
+        elif key.startswith(VAE):
+            new = vae_name(key[len(VAE):], vae_levels)
+            # the mid-block attention's q/k/v/proj_out are 1x1 convolutions in the LDM VAE
+            names = new and [("vae", new, "1x1" if ".attentions.0.to_" in new and new.endswith(".weight") else "")]
+        elif clip and key.startswith(clip):
+            rest = key[len(clip):]  # transformers' names; very old files lack the text_model. level
+            names = [("text_encoder", rest if rest.startswith("text_model.") else "text_model." + rest, "")]
+        elif openclip and key.startswith(openclip):
+            found = openclip_names(key[len(openclip):])
+            names = found and [(encoder, new, how) for new, how in found]
+        if not names:
+            unknown.append(key)
+            continue
+        for component, new, how in names:
+            table[(component, new)] = (key, how)
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise CheckpointError(f"{len(unknown)} keys of the {kind} checkpoint match no part of the pipeline: "
+                              f"{', '.join(unknown[:5])}{more}")
+    return table
+
+
+def reshape(t: torch.Tensor, how: str) -> torch.Tensor:
+    if how in ("q", "k", "v"):  # a third of the fused in_proj (q, k, v stacked along dim 0)
+        return t.chunk(3, dim=0)["qkv".index(how)].clone()
+    if how == "T":
+        return t.T.contiguous()
+    if how == "1x1" and t.ndim == 4:  # (out, in, 1, 1) convolution as a (out, in) linear weight
+        return t[:, :, 0, 0].contiguous()
+    return t
+
+
+def convert(state: dict[str, torch.Tensor], layers_per_block: int = 2) -> tuple[str, dict[str, dict]]:
+    """(kind, {component: diffusers state dict}) of an LDM state dict held in memory (or on the
+    meta device); `load_single_file` does the same reading one tensor at a time."""
+    kind = detect_kind(state)
+    parts: dict[str, dict] = {}
+    for (component, new), (key, how) in rename_table(state, kind, layers_per_block).items():
+        parts.setdefault(component, {})[new] = reshape(state[key], how)
+    return kind, parts
+
+
+# ----------------------------------------------------------------------------- loading
+
+def build(model_class, config, state: dict, path: Path, component: str):
+    """A model of `config` filled strictly with `state` (diffusers names)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{path}: its {component} does not fit the {component} config "
+                              f"({len(problems)} problems: {', '.join(problems[:5])}{more})")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def folder_configs(folder: Path, kind: str) -> dict:
+    """The component configs of a local diffusers folder (diffusers' `config=`)."""
+    if not folder.is_dir():
+        raise CheckpointError(f"config={str(folder)!r}: not a local diffusers folder")
+    configs = {"unet": read_json(folder / "unet" / "config.json"), "vae": read_json(folder / "vae" / "config.json"),
+               "scheduler": read_json(folder / "scheduler" / "scheduler_config.json"),
+               "text_encoder": read_json(folder / "text_encoder" / "config.json")}
+    if kind == "sdxl":
+        configs["text_encoder_2"] = read_json(folder / "text_encoder_2" / "config.json")
+    index = folder / "model_index.json"
+    configs["force_zeros_for_empty_prompt"] = read_json(index).get("force_zeros_for_empty_prompt", True) \
+        if index.is_file() else True
+    return configs
+
+
+def preset_configs(kind: str, prediction_type: str) -> dict:
+    unet_preset, scaling, encoders, scheduler, _ = KINDS[kind]
+    unet = read_json(PRESETS / f"{unet_preset}.json")
+    if kind == "sd2" and prediction_type == "epsilon":
+        unet["sample_size"] = 64  # the 512 px SD-2 base models
+    size = unet["sample_size"] * 8
+    configs = {"unet": unet, "vae": dict(sample_size=size, scaling_factor=scaling), "scheduler": dict(scheduler),
+               "force_zeros_for_empty_prompt": True}
+    for name, encoder in zip(["text_encoder", "text_encoder_2"], encoders):
+        configs[name] = dict(encoder)
+    return configs
+
+
+def tokenizer(folder: Path | None, subfolder: str, pad_token: str) -> CLIPTokenizer:
+    if folder is not None and (folder / subfolder).is_dir():
+        return CLIPTokenizer.from_pretrained(folder, subfolder=subfolder)
+    if not (CLIP_VOCABULARY / "vocab.json").is_file():
+        raise CheckpointError(f"{CLIP_VOCABULARY}: CLIP's vocabulary (vocab.json, merges.txt) is missing; "
+                              "pass config= a diffusers folder with a tokenizer")
+    return CLIPTokenizer.from_files(CLIP_VOCABULARY / "vocab.json", CLIP_VOCABULARY / "merges.txt", pad_token=pad_token)
+
+
+def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
+                     prediction_type: str | None = None, config: str | os.PathLike | None = None,
+                     torch_dtype: torch.dtype | None = None):
+    """The pipeline of one LDM-layout `.safetensors` file (SD 1.x, SD 2.x or SDXL base).
+
+    `prediction_type` ("epsilon", "v_prediction") overrides what the checkpoint kind implies
+    (SD-2: v_prediction and 768 px; the others: epsilon), since the file cannot tell. `config`: a
+    local diffusers folder whose unet/vae/text encoder/scheduler configs (and tokenizers) are
+    used instead of the presets, as in diffusers' `from_single_file(config=...)`."""
+    from safetensors import safe_open
+
+    from .pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    dtype = pick_dtype(dtype, torch_dtype)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+    path = Path(path).expanduser()
+    shapes = read_shapes(path)
+    kind = detect_kind(shapes)
+    folder = None if config is None else Path(config).expanduser()
+    configs = folder_configs(folder, kind) if folder else preset_configs(kind, prediction_type or KINDS[kind][4])
+    if prediction_type is not None:
+        configs["scheduler"]["prediction_type"] = prediction_type
+    elif folder is None:
+        configs["scheduler"]["prediction_type"] = KINDS[kind][4]
+    unet_config = UNetConfig.from_dict(configs["unet"])
+    table = rename_table(shapes, kind, unet_config.layers_per_block)
+
+    states: dict[str, dict] = {}
+    with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor at a time
+        read, tensor = None, None
+        for (component, new), (key, how) in table.items():
+            if key != read:  # q, k and v come from the same fused tensor, read once
+                read, tensor = key, f.get_tensor(key)
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                          "model weights must be floating point")
+            states.setdefault(component, {})[new] = reshape(tensor, how).to(device=device, dtype=dtype)
+        del tensor
+
+    unet = build(UNet2DConditionModel, unet_config, states.pop("unet", {}), path, "unet")
+    vae = build(AutoencoderKL, VAEConfig.from_dict(configs["vae"]), states.pop("vae", {}), path, "vae")
+    if vae.needs_upcast:
+        vae.float()
+    encoders = {name: build(CLIPTextModel, CLIPTextConfig.from_dict(configs[name]), states.pop(name, {}), path, name)
+                for name in ("text_encoder", "text_encoder_2") if name in configs}
+    scheduler = scheduler_from_config(configs["scheduler"])
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            unet=unet, vae=vae, text_encoder=encoders["text_encoder"], tokenizer=tokenizer(folder, "tokenizer", "<|endoftext|>"),
+            scheduler=scheduler, text_encoder_2=encoders["text_encoder_2"], tokenizer_2=tokenizer(folder, "tokenizer_2", "!"),
+            force_zeros_for_empty_prompt=configs["force_zeros_for_empty_prompt"])
+    else:
+        pad = "!" if kind == "sd2" else "<|endoftext|>"  # SD-2's tokenizer pads with "!", as OpenCLIP's
+        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=encoders["text_encoder"],
+                                       tokenizer=tokenizer(folder, "tokenizer", pad), scheduler=scheduler)
+    pipe.model_info = {"name": path.name, "folder": path, "revision": None}
+    return pipe

@@ -1,0 +1,366 @@
+"""Single-file (LDM layout) checkpoints against diffusers' `from_single_file`.
+
+The test files are written from tiny diffusers folders by `ldm_state_dict` below, a writer
+built from the original LDM module layout (input/middle/output blocks, the LDM VAE's
+down/up/mid naming, OpenCLIP's resblocks with fused in_proj). The writer is not trusted on its
+own: diffusers' `from_single_file` must read each file back into the very model it came from,
+and at real scale diffusers' own converters must turn the written key sets into exactly the
+diffusers state dicts. Only then is mini_tgate's conversion compared with them.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import diffusers
+import transformers
+from diffusers.loaders import single_file_utils as reference
+
+import mini_tgate
+from mini_tgate import single_file
+from mini_tgate.checkpoint import CheckpointError
+import tiny_models
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# ----------------------------------------------------------------------------- diffusers -> LDM writer
+
+RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def ldm_unet(state, layers_per_block, attention_levels):
+    """UNet2DConditionModel -> openaimodel.UNetModel keys (`model.diffusion_model.` + ...)."""
+    step = layers_per_block + 1
+    out = {}
+    for k, v in state.items():
+        p = k.split(".")
+        if p[0] in ("conv_in", "conv_norm_out", "conv_out"):
+            new = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[p[0]] + "." + p[-1]
+        elif p[0] in ("time_embedding", "add_embedding"):
+            head = "time_embed" if p[0] == "time_embedding" else "label_emb.0"
+            new = f"{head}.{0 if p[1] == 'linear_1' else 2}.{p[2]}"
+        elif p[0] == "mid_block":
+            index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
+            rest = [RESNET_LDM.get(p[3], p[3])] + p[4:] if p[1] == "resnets" else p[3:]
+            new = ".".join([f"middle_block.{index}"] + rest)  # one sequence: no sub-index
+        elif p[0] == "down_blocks":
+            level, first = int(p[1]), 1 + int(p[1]) * step
+            if p[2] == "downsamplers":
+                new = f"input_blocks.{first + layers_per_block}.0.op.{p[-1]}"
+            elif p[2] == "resnets":
+                new = ".".join([f"input_blocks.{first + int(p[3])}.0", RESNET_LDM.get(p[4], p[4])] + p[5:])
+            else:
+                new = ".".join([f"input_blocks.{first + int(p[3])}.1"] + p[4:])
+        elif p[0] == "up_blocks":
+            level, first = int(p[1]), int(p[1]) * step
+            if p[2] == "upsamplers":  # after the attention when the level has one
+                sub = 2 if attention_levels[level] else 1
+                new = f"output_blocks.{first + layers_per_block}.{sub}.conv.{p[-1]}"
+            elif p[2] == "resnets":
+                new = ".".join([f"output_blocks.{first + int(p[3])}.0", RESNET_LDM.get(p[4], p[4])] + p[5:])
+            else:
+                new = ".".join([f"output_blocks.{first + int(p[3])}.1"] + p[4:])
+        else:
+            raise KeyError(k)
+        out["model.diffusion_model." + new] = v
+    return out
+
+
+def ldm_vae(state, levels):
+    """AutoencoderKL -> the LDM autoencoder (`first_stage_model.` + ...)."""
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+    out = {}
+    for k, v in state.items():
+        p = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out").split(".")
+        if p[1] in ("down_blocks", "up_blocks"):
+            level = int(p[2]) if p[1] == "down_blocks" else levels - 1 - int(p[2])
+            where = f"{p[0]}.{'down' if p[1] == 'down_blocks' else 'up'}.{level}"
+            if p[3] == "resnets":
+                p = [where, "block", *p[4:]]
+            else:
+                p = [where, "downsample" if p[3] == "downsamplers" else "upsample", *p[5:]]
+        elif p[1] == "mid_block" and p[2] == "resnets":
+            p = [p[0], "mid", f"block_{int(p[3]) + 1}", *p[4:]]
+        elif p[1] == "mid_block":
+            p = [p[0], "mid", "attn_1", attention[p[4]], p[-1]]
+            if p[-1] == "weight" and v.ndim == 2:
+                v = v[:, :, None, None]  # the LDM VAE's attention projections are 1x1 convolutions
+        out["first_stage_model." + ".".join(p)] = v
+    return out
+
+
+def ldm_clip(state, prefix):
+    """transformers' CLIPTextModel keys as they are (transformers 5 drops `text_model.`)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def ldm_openclip(state, prefix, sd2=False, seed=0):
+    """CLIPTextModel(WithProjection) -> OpenCLIP's text tower. `sd2`: add what SD-2's files
+    carry and its conditioning (the penultimate layer) never reaches: a last block and the
+    tower's (width, width) text_projection."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    width = state["embeddings.token_embedding.weight"].shape[1]
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layers."))
+    g = torch.Generator().manual_seed(seed)
+    if sd2:  # the last block: a copy of the one before with other weights
+        for k in [k for k in state if k.startswith(f"encoder.layers.{layers - 1}.")]:
+            v = state[k]
+            state[k.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = v + (torch.randn(v.shape, generator=g) * 0.05).to(v.device)
+        layers += 1
+        state["text_projection.weight"] = torch.randn(width, width, generator=g).to(v.device)
+    out = {prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": state["final_layer_norm.weight"], prefix + "ln_final.bias": state["final_layer_norm.bias"],
+           prefix + "logit_scale": torch.ones((), device=state["final_layer_norm.bias"].device)}
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(layers):
+        ours, theirs = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for what in ("weight", "bias"):
+            out[theirs + f"attn.in_proj_{what}"] = torch.cat([state[ours + f"self_attn.{p}_proj.{what}"] for p in "qkv"])
+            for a, b in names.items():
+                out[theirs + f"{b}.{what}"] = state[ours + f"{a}.{what}"]
+    return out
+
+
+DDPM = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "posterior_mean_coef1"]
+
+
+def ldm_state_dict(pipe, kind):
+    """The whole LDM-layout state dict of a diffusers pipeline, with the extras real files carry
+    (the DDPM buffers, an EMA copy's bookkeeping, position_ids)."""
+    unet = pipe.unet
+    attention_levels = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
+    out = ldm_unet(unet.state_dict(), unet.config.layers_per_block, attention_levels)
+    out.update(ldm_vae(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    if kind == "sd1":
+        out.update(ldm_clip(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
+        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    elif kind == "sd2":
+        out.update(ldm_openclip(pipe.text_encoder.state_dict(), "cond_stage_model.model.", sd2=True))
+    else:
+        out.update(ldm_clip(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        out.update(ldm_openclip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    device = next(iter(out.values())).device
+    out.update({name: torch.linspace(0.1, 0.9, 1000, device=device) for name in DDPM})
+    out.update({"model_ema.decay": torch.tensor(0.9999, device=device),
+                "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32, device=device)})
+    return out
+
+
+# ----------------------------------------------------------------------------- tiny end to end
+
+def save_sd2(folder):
+    """SD-2 in miniature: linear projections, gelu OpenCLIP-style text encoder, v-prediction."""
+    tiny_models.save_sd(folder, prediction_type="v_prediction")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    return folder
+
+
+def save_sdxl(folder):
+    """SDXL in miniature with text encoders of different widths (16 and 48, as CLIP-L's 768 and
+    bigG's 1280 differ): diffusers' from_single_file tells the two apart by width."""
+    pipe = diffusers.StableDiffusionXLPipeline(
+        unet=tiny_models.sdxl_unet(), vae=tiny_models.vae(), text_encoder=tiny_models.text_encoder(16, "quick_gelu"),
+        text_encoder_2=tiny_models.text_encoder(48, "gelu", projection=32, seed=1), tokenizer=tiny_models.tokenizer(),
+        tokenizer_2=tiny_models.tokenizer("!"), scheduler=diffusers.DDIMScheduler(**tiny_models.SD_SCHEDULER))
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def tiny(request, tmp_path_factory):
+    """(kind, diffusers folder, LDM file written from it)."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    folder = root / "diffusers"
+    {"sd1": tiny_models.save_sd, "sd2": save_sd2, "sdxl": save_sdxl}[kind](folder)
+    cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
+    pipe = cls.from_pretrained(folder)
+    path = root / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_state_dict(pipe, kind).items()}, path)
+    return kind, folder, path
+
+
+def images(pipe, kind, **kw):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return pipe("a red circle", negative_prompt="blurry", num_inference_steps=4, guidance_scale=6.0,
+                latents=latents, output_type="np", **kw).images
+
+
+def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny):
+    kind, folder, path = tiny
+    cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
+    ref_folder = cls.from_pretrained(folder)
+    ref_single = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    # the writer is right: diffusers reads the LDM file back into exactly the folder's weights
+    for name in ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else []):
+        a, b = getattr(ref_folder, name).state_dict(), getattr(ref_single, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    ours = single_file.load_single_file(path, config=folder)
+    assert ours.scheduler.config["prediction_type"] == ("v_prediction" if kind == "sd2" else "epsilon")
+    a, b, c = images(ours, kind), images(ref_single, kind), images(ref_folder, kind)
+    assert a.shape == b.shape == (1, 64, 64, 3)
+    assert np.abs(a - b).max() < 1e-3
+    assert np.abs(a - c).max() < 1e-3
+    assert np.abs(a - images(ours, kind, tgate=mini_tgate.TGate(2, 1, 1, 0))).max() > 1e-4  # the gate acts
+
+
+def test_same_weights_as_the_folder_in_float16(tiny):
+    kind, folder, path = tiny
+    ours = single_file.load_single_file(path, config=folder, dtype=torch.float16)
+    ref = mini_tgate.load_pipeline(folder, dtype=torch.float16)
+    for name in ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else []):
+        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------- real scale, meta device
+
+def meta_diffusers_parts(kind):
+    """diffusers / transformers models of the real SD-1.5, SD-2.1 or SDXL configs, on meta."""
+    preset, scaling, encoders, _, _ = single_file.KINDS[kind]
+    unet_config = json.loads((single_file.PRESETS / f"{preset}.json").read_text())
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(unet_config)
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        texts = []
+        for encoder in encoders:
+            cfg = {k: v for k, v in encoder.items() if k != "architectures"}
+            model = transformers.CLIPTextModelWithProjection if "architectures" in encoder else transformers.CLIPTextModel
+            texts.append(model(transformers.CLIPTextConfig(**cfg)))
+    return unet, vae, texts
+
+
+class MetaPipe:
+    def __init__(self, unet, vae, texts):
+        self.unet, self.vae, self.text_encoder = unet, vae, texts[0]
+        self.text_encoder_2 = texts[1] if len(texts) > 1 else None
+
+
+def shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_real_scale_key_sets_convert_to_the_diffusers_state_dicts(kind):
+    unet, vae, texts = meta_diffusers_parts(kind)
+    ldm = ldm_state_dict(MetaPipe(unet, vae, texts), kind)
+    # the real files' sizes: SD-2's OpenCLIP tower has 24 blocks, SDXL's bigG 32, SD-1's CLIP 12 layers
+    if kind != "sd1":
+        prefix = "cond_stage_model.model." if kind == "sd2" else "conditioner.embedders.1.model."
+        blocks = {k.split(".")[-3] for k in ldm if k.startswith(prefix + "transformer.resblocks.") and k.endswith("ln_1.weight")}
+        assert len(blocks) == (24 if kind == "sd2" else 32)
+    assert ldm["model.diffusion_model.input_blocks.0.0.weight"].shape == (320, 4, 3, 3)
+
+    # 1. diffusers' own converters read these key sets into exactly its models' state dicts
+    assert shapes(reference.convert_ldm_unet_checkpoint(ldm, unet.config)) == shapes(unet.state_dict())
+    assert shapes(reference.convert_ldm_vae_checkpoint(ldm, vae.config)) == shapes(vae.state_dict())
+    if kind == "sd1":
+        text = reference.convert_ldm_clip_checkpoint(ldm)
+        text = {k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("position_ids")}
+        assert shapes(text) == shapes(texts[0].state_dict())
+    else:
+        prefix = "cond_stage_model.model." if kind == "sd2" else "conditioner.embedders.1.model."
+        text = reference.convert_open_clip_checkpoint(texts[-1], ldm, prefix=prefix)
+        if not hasattr(texts[-1], "text_model"):
+            text = {k.removeprefix("text_model."): v for k, v in text.items()}
+        assert shapes(text) == shapes(texts[-1].state_dict())
+
+    # 2. mini_tgate's table gives its own models (built from the same presets) exactly
+    found, parts = single_file.convert(ldm)
+    assert found == kind
+    configs = single_file.preset_configs(kind, single_file.KINDS[kind][4])
+    with torch.device("meta"):
+        ours = {"unet": mini_tgate.UNet2DConditionModel(mini_tgate.UNet2DConditionModel.config_class.from_dict(configs["unet"])),
+                "vae": mini_tgate.AutoencoderKL(mini_tgate.AutoencoderKL.config_class.from_dict(configs["vae"]))}
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in configs:
+                ours[name] = mini_tgate.CLIPTextModel(mini_tgate.CLIPTextModel.config_class.from_dict(configs[name]))
+    assert parts.keys() == ours.keys()
+    for name, model in ours.items():
+        assert shapes(parts[name]) == shapes(model.state_dict()), name
+    # and the names are diffusers' (the text encoders' with transformers' text_model. level)
+    assert shapes(parts["unet"]) == shapes(unet.state_dict())
+    assert shapes(parts["vae"]) == shapes(vae.state_dict())
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_unknown_keys_are_named(tiny, tmp_path):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    state["model.diffusion_model.some_new_module.weight"] = torch.zeros(2)
+    state["first_stage_model.encoder.mystery.bias"] = torch.zeros(2)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match=r"2 keys .* match no part.*some_new_module.*|2 keys .* match no part.*mystery"):
+        single_file.load_single_file(bad, config=folder)
+
+
+def test_missing_tensor_is_named(tiny, tmp_path):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    del state["first_stage_model.decoder.conv_out.bias"]
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match="vae does not fit.*missing decoder.conv_out.bias"):
+        single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_pickle_files_are_refused(tmp_path, suffix):
+    path = tmp_path / ("model" + suffix)
+    path.write_bytes(b"\x80\x04anything")
+    with pytest.raises(CheckpointError, match="pickle.*convert it to .safetensors"):
+        single_file.load_single_file(path)
+
+
+@pytest.mark.parametrize("head", [b"", b"\x01\x00", (2**40).to_bytes(8, "little"), (17 * 2**20).to_bytes(8, "little"),
+                                  (100).to_bytes(8, "little") + b"{}"])
+def test_not_a_safetensors_file(tmp_path, head):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(head)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        single_file.load_single_file(path)
+
+
+def test_offsets_outside_the_file(tmp_path):
+    header = json.dumps({"model.diffusion_model.out.2.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="bad header entry"):
+        single_file.load_single_file(path)
+
+
+def test_not_a_stable_diffusion_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"transformer.blocks.0.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint in the LDM layout"):
+        single_file.load_single_file(path)
+
+
+def test_bad_prediction_type(tiny):
+    kind, folder, path = tiny
+    with pytest.raises(ValueError, match="prediction_type='v'"):
+        single_file.load_single_file(path, config=folder, prediction_type="v")
+
+
+def test_prediction_type_argument_wins(tiny):
+    kind, folder, path = tiny
+    pipe = single_file.load_single_file(path, config=folder, prediction_type="v_prediction")
+    assert pipe.scheduler.config["prediction_type"] == "v_prediction"
