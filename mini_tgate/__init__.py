@@ -1,4 +1,4 @@
-"""mini_tgate: minimal Stable Diffusion inference with TGATE temporal attention gating."""
+"""mini_tgate: minimal text-to-image diffusion inference (SD, SDXL, LCM, PixArt) with TGATE temporal attention gating."""
 
 __version__ = "0.1.0"
 
@@ -9,7 +9,8 @@ from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncest
                          EulerDiscreteScheduler, LCMScheduler, SCHEDULER_NAMES, a1111_names, scheduler_by_name,
                          scheduler_from_config)
 from .text_encoder import CLIPTextModel, CLIPTextOutput
-from .pipeline import load_pipeline, PipelineOutput, StableDiffusionPipeline, StableDiffusionXLPipeline
+from .pipeline import (DiffusionPipeline, load_pipeline, PipelineOutput, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 from .tgate import TGate
 from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel

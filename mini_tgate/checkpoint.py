@@ -51,7 +51,7 @@ MISSING_PREFIX = "text_model."
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".msgpack", ".h5", ".onnx")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -60,7 +60,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 # a checkpoint's, and is refused before it is read into memory.
 MAX_JSON_BYTES = 16 * 2**20
 CONFIG_FILES = ["config.json", "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"]
+                "tokenizer_config.json", "special_tokens_map.json", "spiece.model"]
 
 
 def is_repo_id(source: str) -> bool:

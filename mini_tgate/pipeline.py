@@ -1,12 +1,15 @@
-"""Text-to-image pipelines for SD 1.x/2.x (and LCM) and SDXL, with TGATE.
+"""Text-to-image pipelines for SD 1.x/2.x (and LCM), SDXL and PixArt-Alpha/-Sigma, with TGATE.
 
-Reimplements diffusers' `StableDiffusionPipeline` and `StableDiffusionXLPipeline` (and the
-`tgate` package's gated versions of them) for text-to-image:
+Reimplements diffusers' `StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+`PixArtAlphaPipeline` and `PixArtSigmaPipeline` (and the `tgate` package's gated versions of
+them) for text-to-image. One call and one denoising loop (`DiffusionPipeline`) serve all four;
+the subclasses differ only in the denoiser (UNet or transformer) and how a prompt becomes its
+conditioning (`encode_prompt`):
 
     prompt ─ tokenizer(s) ─ text encoder(s) ─> conditioning ─┐
-    noise (B, 4, H/8, W/8) ─> [ UNet + guidance ─ scheduler step ] x steps ─> VAE decode ─> images
+    noise (B, 4, H/8, W/8) ─> [ denoiser + guidance ─ scheduler step ] x steps ─> VAE decode ─> images
 
-Classifier-free guidance (CFG) runs the UNet on the doubled batch [unconditional, conditional]
+Classifier-free guidance (CFG) runs the denoiser on the doubled batch [unconditional, conditional]
 and mixes: eps = eps_u + g * (eps_c - eps_u). With a `TGate`, tgate.plan() decides per step what
 the attention layers do and whether the batch is doubled; after the gate step the unconditional
 branch runs alone and its prediction is used as it is (the reference's choice).
@@ -28,9 +31,11 @@ import torch
 
 from .checkpoint import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
+from .pixart import PixArtTransformer2DModel
+from .t5 import T5EncoderModel, preprocess_prompt
 from .text_encoder import CLIPTextModel
 from .tgate import TGate, plan
-from .tokenizer import CLIPTokenizer
+from .tokenizer import CLIPTokenizer, T5Tokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
@@ -42,6 +47,8 @@ SDXL_CLASSES = ("StableDiffusionXLPipeline",)
 # images in one batch is more than any GPU holds at 512 px: call again for more.
 MAX_SIDE = 8192
 MAX_BATCH = 256
+# PixArt's T5 text length (120 Alpha, 300 Sigma); T5 attention over L tokens costs L^2 memory
+MAX_SEQUENCE_LENGTH = 1024
 # the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
@@ -118,16 +125,18 @@ def as_list(x, name: str) -> list[str]:
     raise ValueError(f"{name} must be a string or a non-empty list of strings, got {x!r}")
 
 
-class StableDiffusionPipeline:
-    """SD 1.x / 2.x text-to-image (and LCM, whose UNet takes guidance as an embedding)."""
+class DiffusionPipeline:
+    """What every pipeline here shares: its parts, moving them, compiling, and the one call: check
+    the inputs, encode the prompts, draw the noise, run the denoising loop under the TGATE plan,
+    decode. Subclasses say which model denoises (`denoiser`) and how prompts become its
+    conditioning (`encode_prompt`): StableDiffusionPipeline (UNet, CLIP text), its SDXL subclass
+    (two text encoders, size conditioning) and the PixArt pipelines (transformer, T5 text)."""
 
-    default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL
-    extra_call_args = ()  # keyword arguments of __call__ that only encode_prompt reads (SDXL's)
+    default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL, 4.5 for PixArt
+    extra_call_args = ()  # keyword arguments of __call__ that only the subclass reads (SDXL's, PixArt's)
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, scheduler: Scheduler):
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
-            unet, vae, text_encoder, tokenizer, scheduler
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: Scheduler):
+        self.vae, self.text_encoder, self.tokenizer, self.scheduler = vae, text_encoder, tokenizer, scheduler
         self.model_info: dict = {}       # set by load_pipeline: name, folder, revision of the checkpoint
         self.progress_bar_config = {"disable": True}  # tqdm options; quiet unless asked
         self.offload_device: torch.device | None = None  # see enable_model_cpu_offload
@@ -136,7 +145,7 @@ class StableDiffusionPipeline:
         self._interrupt = False  # diffusers' early stop, set by a step callback
 
     @classmethod
-    def from_pretrained(cls, source, **kwargs) -> "StableDiffusionPipeline":
+    def from_pretrained(cls, source, **kwargs) -> "DiffusionPipeline":
         """diffusers' spelling of load_pipeline, refusing a checkpoint of another pipeline class."""
         return load_pipeline(source, **kwargs, pipeline_class=cls)
 
@@ -148,9 +157,9 @@ class StableDiffusionPipeline:
         return [self.text_encoder]
 
     def models(self) -> list:
-        return [self.unet, self.vae, *self.text_encoders()]
+        return [self.denoiser, self.vae, *self.text_encoders()]
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusionPipeline":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "DiffusionPipeline":
         """Move every model (diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, or both).
         In float16 the VAE stays in float32 when its config says force_upcast, as load_pipeline
         does. Giving a device ends model CPU offload."""
@@ -184,18 +193,18 @@ class StableDiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.conv_in.weight.dtype
+        return next(self.denoiser.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def compile(self, mode: str | None = None) -> "StableDiffusionPipeline":
-        """torch.compile the hot path in place: the UNet (fullgraph, channels_last) and the VAE
+    def compile(self, mode: str | None = None) -> "DiffusionPipeline":
+        """torch.compile the hot path in place: the denoiser (fullgraph, channels_last) and the VAE
         decoder. The gate is a Python string per attention module, so a TGATE run compiles one
         graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2), and
         none again on later calls (tests/test_compile.py counts them).
@@ -208,57 +217,33 @@ class StableDiffusionPipeline:
         # one graph per (step plan, shape): dynamo's default limit of 8 per function would make a
         # second image size a hard error under fullgraph
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.unet.to(memory_format=torch.channels_last)
-        self.unet.compile(fullgraph=True, dynamic=False, mode=mode)
+        self.denoiser.to(memory_format=torch.channels_last)
+        self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
         self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)
         return self
 
     # ----------------------------------------------------------------------------- prompts
 
-    def tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
-        for prompt, dropped in zip(prompts, tokenizer.dropped_text(prompts)):
-            if dropped:
-                warnings.warn(f"prompt longer than {tokenizer.model_max_length} tokens; "
-                              f"this part was dropped: {dropped!r}")
-        return tokenizer(prompts).to(device)
-
     def check_embeddings(self, n_prompts: int, prompt_embeds, negative_prompt_embeds, conditioning: dict):
-        """Given text embeddings: the UNet's width, one row per prompt, both of one shape."""
+        """Given text embeddings: the width the denoiser reads, one row per prompt, both of one shape."""
         if prompt_embeds is None and negative_prompt_embeds is None:
             return
-        width = self.unet.config.cross_attention_dim
-        width = width if isinstance(width, int) else width[0]
+        width = self.text_width
         for name, x in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if x is not None:
                 check_embeds(x, name, 3)
                 if x.shape[0] != n_prompts or x.shape[2] != width:
                     raise ValueError(f"{name} must have shape ({n_prompts}, tokens, {width}) (one row per "
-                                     f"prompt, the UNet's cross_attention_dim), got {tuple(x.shape)}")
+                                     f"prompt, the width of the text the denoiser reads), got {tuple(x.shape)}")
         if prompt_embeds is not None and negative_prompt_embeds is not None \
                 and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
 
-    def encode_prompt(self, prompts: list[str] | None, negatives: list[str] | None, cfg: bool, height: int,
-                      width: int, device, prompt_embeds=None, negative_prompt_embeds=None,
-                      clip_skip: int | None = None) -> tuple[dict, dict | None]:
-        """UNet conditioning of the prompts and, with CFG, of the negative prompts ("" when none);
-        embeddings given are used as they are. clip_skip (diffusers'): the text encoder's state
-        clip_skip layers before the last, then its final layer norm; as in diffusers, it applies to
-        the prompts only, not to the negative prompts."""
-        def embed(texts, skip=None):
-            out = self.text_encoder(self.tokenize(self.tokenizer, texts, device), output_hidden_states=skip is not None)
-            if skip is None:
-                return out.last_hidden_state
-            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-(skip + 1)])
-
-        states = embed(prompts, clip_skip) if prompt_embeds is None else prompt_embeds
-        cond = {"encoder_hidden_states": states.to(device, self.dtype)}  # (B, 77, D)
-        if not cfg:
-            return cond, None
-        if negative_prompt_embeds is None:
-            negative_prompt_embeds = embed(negatives or [""] * states.shape[0])
-        return cond, {"encoder_hidden_states": negative_prompt_embeds.to(device, self.dtype)}
+    def working_size(self, height: int, width: int, conditioning: dict) -> tuple[int, int, tuple | None]:
+        """The (height, width) the denoiser works at, and the size of the images returned (None:
+        the same). SD and SDXL work at the size asked for; PixArt may bin it."""
+        return height, width, None
 
     # ----------------------------------------------------------------------------- generation
 
@@ -305,6 +290,8 @@ class StableDiffusionPipeline:
         if tgate is not None and not isinstance(tgate, TGate):
             raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
         if clip_skip is not None:
+            if not isinstance(self.text_encoder, CLIPTextModel):
+                raise ValueError(f"clip_skip applies to CLIP text encoders; {type(self).__name__} has none")
             layers = self.text_encoder.config.num_hidden_layers
             if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
                 raise ValueError(f"clip_skip must be None or an integer in [0, {layers - 1}], got {clip_skip!r}")
@@ -336,13 +323,13 @@ class StableDiffusionPipeline:
             if key not in self.extra_call_args:
                 raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {key!r}")
         # Everything another thread could change is read once, here: a swap mid-call changes nothing.
-        unet, vae, offload = self.unet, self.vae, self.offload_device
+        denoiser, vae, offload = self.denoiser, self.vae, self.offload_device
         bar_config = {**self.progress_bar_config, **({} if progress is None else {"disable": not progress})}
         scheduler = copy.deepcopy(self.scheduler)  # its timesteps and step state belong to this call
-        device, dtype, f = offload or self.device, unet.conv_in.weight.dtype, self.vae_scale_factor
+        device, dtype, f = offload or self.device, next(denoiser.parameters()).dtype, self.vae_scale_factor
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        height = unet.config.sample_size * f if height is None else height  # 0 is an error, not the default
-        width = unet.config.sample_size * f if width is None else width
+        height = denoiser.config.sample_size * f if height is None else height  # 0 is an error, not the default
+        width = denoiser.config.sample_size * f if width is None else width
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("prompt must be given, or prompt_embeds instead: exactly one of them")
         prompts = None if prompt is None else as_list(prompt, "prompt")
@@ -359,10 +346,12 @@ class StableDiffusionPipeline:
                           generator, latents, guidance_rescale, eta, batch, tgate, clip_skip, callback_on_step_end,
                           callback_inputs)
         self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        # the size the denoiser works at, and the size of the images returned (PixArt's binning)
+        height, width, output_size = self.working_size(height, width, conditioning)
         # this call's schedule, on its own scheduler copy; custom lists are checked by the scheduler
         custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
         scheduler.set_timesteps(None if custom else num_inference_steps, device=device, **custom)
-        shape = (batch, unet.config.in_channels, height // f, width // f)
+        shape = (batch, denoiser.config.in_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         if latents is not None and not torch.isfinite(latents).all():
@@ -371,7 +360,7 @@ class StableDiffusionPipeline:
         with self.exclusive_call():
             # 1. Conditioning. CFG doubles the batch, unless the UNet takes guidance as an embedding (LCM).
             timings, start = {}, time.perf_counter()
-            lcm = unet.config.time_cond_proj_dim is not None
+            lcm = getattr(denoiser.config, "time_cond_proj_dim", None) is not None  # PixArt has none
             cfg = guidance_scale > 1 and not lcm
             with on_device(self.text_encoders(), offload):
                 cond, uncond = self.encode_prompt(prompts, negatives, cfg, height, width, device, prompt_embeds,
@@ -385,7 +374,7 @@ class StableDiffusionPipeline:
             uncond = repeat_images(uncond, n) if cfg else None
             if lcm:
                 w = torch.full((batch,), guidance_scale - 1.0)
-                cond["timestep_cond"] = guidance_embedding(w, unet.config.time_cond_proj_dim,
+                cond["timestep_cond"] = guidance_embedding(w, denoiser.config.time_cond_proj_dim,
                                                            torch.float32).to(device, dtype)
             timings["text"] = time.perf_counter() - start
 
@@ -396,9 +385,9 @@ class StableDiffusionPipeline:
 
             # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
             start = time.perf_counter()
-            with on_device([unet], offload):
+            with on_device([denoiser], offload):
                 latents, report = self.denoise(
-                    unet, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps), cfg),
+                    denoiser, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps), cfg),
                     guidance_scale, guidance_rescale, eta, generator, bar_config, callback_on_step_end,
                     callback_inputs)
             timings["denoise"] = time.perf_counter() - start
@@ -409,7 +398,7 @@ class StableDiffusionPipeline:
                 images = latents
             else:
                 with on_device([vae], offload):
-                    images = self.decode(latents, output_type, vae)
+                    images = self.decode(latents, output_type, vae, output_size)
             timings["decode"] = time.perf_counter() - start
             return PipelineOutput(images, report, timings)
 
@@ -429,7 +418,7 @@ class StableDiffusionPipeline:
             finally:
                 self.call_owner = None
 
-    def denoise(self, unet, scheduler, latents, cond: dict, uncond: dict | None, steps: list, guidance_scale,
+    def denoise(self, denoiser, scheduler, latents, cond: dict, uncond: dict | None, steps: list, guidance_scale,
                 guidance_rescale, eta, generator, bar_config: dict, callback, callback_inputs: list):
         """The denoising loop (scheduler timesteps set): the latents at the end, and per step
         what attention did. With CFG (uncond given) steps whose plan says so run the doubled batch."""
@@ -439,14 +428,16 @@ class StableDiffusionPipeline:
         bar = progress_bar(len(steps), bar_config)
         try:
             for i, (t, step) in enumerate(zip(scheduler.timesteps, steps)):
-                unet.set_gate(step)
+                denoiser.set_gate(step)
                 if step.cfg:
                     x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
                 else:  # after the gate, CFG is dropped: the unconditional branch alone
                     x, kw = latents, uncond if uncond is not None else cond
-                noise = unet(scheduler.scale_model_input(x, t), t, **kw)
+                noise = denoiser(scheduler.scale_model_input(x, t), timestep=t, **kw)
+                # PixArt predicts the variance too (learned sigma): the noise is the first half
+                noise = noise[:, :latents.shape[1]]
                 if not torch.isfinite(noise).all():
-                    raise FloatingPointError(f"the UNet's noise prediction at step {i} contains NaN or inf: "
+                    raise FloatingPointError(f"the {type(denoiser).__name__}'s noise prediction at step {i} contains NaN or inf: "
                                              "its weights produce them" + half_hint(dtype))
                 if step.cfg:
                     noise_uncond, noise_text = noise.chunk(2)
@@ -476,15 +467,19 @@ class StableDiffusionPipeline:
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
                     break
         finally:
-            unet.clear_gate()  # no cache outlives the call
+            denoiser.clear_gate()  # no cache outlives the call
             if bar is not None:
                 bar.close()
         return latents, report
 
-    def decode(self, latents: torch.Tensor, output_type: str = "np", vae: AutoencoderKL | None = None):
-        """Latents -> images in [0, 1]; the VAE runs in its own dtype (float32 when force_upcast)."""
+    def decode(self, latents: torch.Tensor, output_type: str = "np", vae: AutoencoderKL | None = None,
+               size: tuple[int, int] | None = None):
+        """Latents -> images in [0, 1]; the VAE runs in its own dtype (float32 when force_upcast).
+        size: (height, width) to resize and centre-crop to, before the clamp (PixArt's binning)."""
         vae = vae or self.vae
         image = vae.decode(vae.unscale_latents(latents.to(vae.dtype)))
+        if size is not None:
+            image = resize_and_crop(image, *size)
         if not torch.isfinite(image).all():
             hint = ("; load the VAE in float32 (its force_upcast)" if vae.dtype == torch.float16
                     else half_hint(vae.dtype))
@@ -497,6 +492,54 @@ class StableDiffusionPipeline:
             from PIL import Image  # optional: only for output_type="pil"
             return [Image.fromarray((im * 255).round().astype("uint8")) for im in image]
         return image
+
+
+class StableDiffusionPipeline(DiffusionPipeline):
+    """SD 1.x / 2.x text-to-image (and LCM, whose UNet takes guidance as an embedding)."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, scheduler: Scheduler):
+        super().__init__(vae, text_encoder, tokenizer, scheduler)
+        self.unet = unet
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model the denoising loop calls: the UNet here, PixArt's transformer there."""
+        return self.unet
+
+    @property
+    def text_width(self) -> int:
+        """The features per token of the text conditioning (the UNet's cross_attention_dim)."""
+        width = self.unet.config.cross_attention_dim
+        return width if isinstance(width, int) else width[0]
+
+    def tokenize(self, tokenizer: CLIPTokenizer, prompts: list[str], device) -> torch.Tensor:
+        for prompt, dropped in zip(prompts, tokenizer.dropped_text(prompts)):
+            if dropped:
+                warnings.warn(f"prompt longer than {tokenizer.model_max_length} tokens; "
+                              f"this part was dropped: {dropped!r}")
+        return tokenizer(prompts).to(device)
+
+    def encode_prompt(self, prompts: list[str] | None, negatives: list[str] | None, cfg: bool, height: int,
+                      width: int, device, prompt_embeds=None, negative_prompt_embeds=None,
+                      clip_skip: int | None = None) -> tuple[dict, dict | None]:
+        """UNet conditioning of the prompts and, with CFG, of the negative prompts ("" when none);
+        embeddings given are used as they are. clip_skip (diffusers'): the text encoder's state
+        clip_skip layers before the last, then its final layer norm; as in diffusers, it applies to
+        the prompts only, not to the negative prompts."""
+        def embed(texts, skip=None):
+            out = self.text_encoder(self.tokenize(self.tokenizer, texts, device), output_hidden_states=skip is not None)
+            if skip is None:
+                return out.last_hidden_state
+            return self.text_encoder.text_model.final_layer_norm(out.hidden_states[-(skip + 1)])
+
+        states = embed(prompts, clip_skip) if prompt_embeds is None else prompt_embeds
+        cond = {"encoder_hidden_states": states.to(device, self.dtype)}  # (B, 77, D)
+        if not cfg:
+            return cond, None
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = embed(negatives or [""] * states.shape[0])
+        return cond, {"encoder_hidden_states": negative_prompt_embeds.to(device, self.dtype)}
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
@@ -578,6 +621,138 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return cond, conditioning(negative_prompt_embeds, negative_pooled_prompt_embeds)
 
 
+# PixArt's aspect-ratio bins (diffusers' ASPECT_RATIO_*_BIN, from the PixArt repositories): the
+# (height, width) pairs a model of sample_size s was trained at, in units of s / 2 pixels (64 px
+# for the 1024 px models), from the widest to the tallest. Sigma's 2048 px model has its own list.
+ASPECT_RATIO_BINS = ((8, 32), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24), (11, 23), (11, 22),
+                     (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17), (15, 17), (15, 16),
+                     (16, 16), (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13), (20, 12), (21, 12),
+                     (22, 11), (23, 11), (24, 10), (25, 10), (27, 9), (32, 8))
+ASPECT_RATIO_BINS_2048 = ((8, 32), (8, 31), (8, 30), (8, 29), (9, 28), (9, 27), (9, 26), (10, 25), (10, 24),
+                          (11, 23), (11, 22), (11, 21), (12, 21), (12, 20), (13, 19), (13, 18), (14, 18), (14, 17),
+                          (15, 17), (15, 16), (16, 16), (16, 15), (17, 15), (17, 14), (18, 14), (18, 13), (19, 13),
+                          (20, 12), (21, 12), (22, 11), (23, 11), (24, 10), (25, 10), (26, 9), (27, 9), (28, 9),
+                          (29, 8), (30, 8), (31, 8), (32, 8))
+
+
+def aspect_ratio_bin(height: int, width: int, bins, unit: int) -> tuple[int, int]:
+    """The bin whose ratio, rounded to 2 decimals (diffusers' keys), is nearest height / width;
+    the first such bin on a tie."""
+    h, w = min(bins, key=lambda hw: abs(round(hw[0] / hw[1], 2) - height / width))
+    return h * unit, w * unit
+
+
+class PixArtAlphaPipeline(DiffusionPipeline):
+    """PixArt-Alpha: a transformer (DiT) denoiser on T5 text (diffusers' PixArtAlphaPipeline).
+
+    The prompt is lower-cased and stripped (diffusers' caption cleaning with bs4/ftfy is not done),
+    tokenized to max_sequence_length tokens and encoded by T5 with its padding mask; the mask goes
+    to the transformer's cross-attention. With micro-conditions (Alpha at 1024 px) the working
+    resolution and aspect ratio condition the timestep embedding. With use_resolution_binning the
+    size asked for is replaced by the nearest trained aspect-ratio bin, and the images are resized
+    and centre-cropped back to it. The learned-sigma half of the transformer's output is dropped."""
+
+    default_guidance_scale = 4.5
+    max_sequence_length = 120  # Alpha's T5 text length; Sigma's is 300
+    bin_tables = {32: ASPECT_RATIO_BINS, 64: ASPECT_RATIO_BINS, 128: ASPECT_RATIO_BINS}  # by sample_size
+    extra_call_args = ("max_sequence_length", "use_resolution_binning", "prompt_attention_mask",
+                       "negative_prompt_attention_mask")
+
+    def __init__(self, transformer: PixArtTransformer2DModel, vae: AutoencoderKL, text_encoder: T5EncoderModel,
+                 tokenizer: T5Tokenizer, scheduler: Scheduler):
+        super().__init__(vae, text_encoder, tokenizer, scheduler)
+        self.transformer = transformer
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def text_width(self) -> int:
+        return self.transformer.config.caption_channels or self.transformer.config.cross_attention_dim
+
+    def working_size(self, height, width, conditioning):
+        if not conditioning.pop("use_resolution_binning", True):
+            return height, width, None
+        sample_size = self.transformer.config.sample_size
+        if sample_size not in self.bin_tables:
+            raise ValueError(f"use_resolution_binning: no aspect-ratio bins for sample_size {sample_size} "
+                             f"(there are for {', '.join(map(str, self.bin_tables))}); pass "
+                             "use_resolution_binning=False")
+        unit = sample_size * self.vae_scale_factor // 16
+        return (*aspect_ratio_bin(height, width, self.bin_tables[sample_size], unit), (height, width))
+
+    def check_embeddings(self, n_prompts, prompt_embeds, negative_prompt_embeds, conditioning):
+        super().check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        for embeds, name, mask in ((prompt_embeds, "prompt_embeds", "prompt_attention_mask"),
+                                   (negative_prompt_embeds, "negative_prompt_embeds", "negative_prompt_attention_mask")):
+            x = conditioning.get(mask)
+            if (embeds is None) != (x is None):
+                raise ValueError(f"give {mask} with {name} (diffusers' rule), or neither")
+            if x is not None and (not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(embeds.shape[:2])):
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{mask} must be a tensor of shape {tuple(embeds.shape[:2])} (1 for tokens, "
+                                 f"0 for padding), got {got}")
+        n = conditioning.get("max_sequence_length", self.max_sequence_length)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length must be an integer from 1 to {MAX_SEQUENCE_LENGTH}, got {n!r}")
+
+    def encode_prompt(self, prompts, negatives, cfg, height, width, device, prompt_embeds=None,
+                      negative_prompt_embeds=None, clip_skip=None, max_sequence_length=None,
+                      prompt_attention_mask=None, negative_prompt_attention_mask=None):
+        """Transformer conditioning: T5 states, their padding mask, and (with micro-conditions) the
+        working resolution and aspect ratio. Negative prompts are padded to the prompts' length."""
+        def embed(texts, length):
+            texts = [preprocess_prompt(t) for t in texts]
+            for text, dropped in zip(texts, self.tokenizer.dropped_text(texts, length)):
+                if dropped:
+                    warnings.warn(f"prompt longer than {length} tokens; this part was dropped: {dropped!r}")
+            ids, mask = self.tokenizer(texts, max_length=length)
+            ids, mask = ids.to(device), mask.to(device)
+            return self.text_encoder(ids, attention_mask=mask).last_hidden_state, mask  # (B, L, 4096), (B, L)
+
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = embed(prompts, max_sequence_length or self.max_sequence_length)
+        batch = prompt_embeds.shape[0]
+        added = {}
+        if self.transformer.config.additional_conditions:
+            added = {"added_cond_kwargs": {
+                "resolution": torch.tensor([[height, width]]).to(device, self.dtype).repeat(batch, 1),
+                "aspect_ratio": torch.tensor([[height / width]]).to(device, self.dtype).repeat(batch, 1)}}
+
+        def conditioning(states, mask):
+            return {"encoder_hidden_states": states.to(device, self.dtype),
+                    "encoder_attention_mask": mask.to(device), **added}
+
+        cond = conditioning(prompt_embeds, prompt_attention_mask)
+        if not cfg:
+            return cond, None
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds, negative_prompt_attention_mask = embed(negatives or [""] * batch,
+                                                                           prompt_embeds.shape[1])
+        return cond, conditioning(negative_prompt_embeds, negative_prompt_attention_mask)
+
+
+class PixArtSigmaPipeline(PixArtAlphaPipeline):
+    """PixArt-Sigma: Alpha's pipeline with 300 T5 tokens and bins up to 2048 px (its transformer
+    has no micro-conditions and its VAE is SDXL's, both read from the checkpoint)."""
+
+    max_sequence_length = 300
+    bin_tables = {**PixArtAlphaPipeline.bin_tables, 256: ASPECT_RATIO_BINS_2048}
+
+
+def resize_and_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Images (N, C, h, w) scaled (bilinear) to cover height x width, then cropped to it, centred."""
+    h, w = image.shape[-2:]
+    if (h, w) == (height, width):
+        return image
+    ratio = max(height / h, width / w)
+    image = torch.nn.functional.interpolate(image, size=(int(h * ratio), int(w * ratio)), mode="bilinear",
+                                            align_corners=False)
+    top, left = (image.shape[-2] - height) // 2, (image.shape[-1] - width) // 2
+    return image[..., top:top + height, left:left + width]
+
+
 def repeat_images(x, n: int):
     """Each prompt's conditioning repeated for its n images: [p0, p0, p1, p1, ...]."""
     if isinstance(x, dict):
@@ -597,7 +772,7 @@ def progress_bar(total: int, config: dict):
 def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
                   local_files_only: bool = False, cache_dir=None, revision: str | None = None,
                   torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None
-                  ) -> StableDiffusionPipeline:
+                  ) -> DiffusionPipeline:
     """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
     on the hub), chosen by its model_index.json. dtype (diffusers' name, torch_dtype, is an alias)
     defaults to float32. The VAE stays in float32 when dtype is float16 and its config says
@@ -607,10 +782,13 @@ def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, varian
     folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
     index = read_json(folder / "model_index.json")
     name = index.get("_class_name")
-    if name not in SD_CLASSES + SDXL_CLASSES:
+    classes = {**dict.fromkeys(SD_CLASSES, StableDiffusionPipeline), **dict.fromkeys(SDXL_CLASSES,
+               StableDiffusionXLPipeline), "PixArtAlphaPipeline": PixArtAlphaPipeline,
+               "PixArtSigmaPipeline": PixArtSigmaPipeline}
+    if name not in classes:
         raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported "
-                              f"(supported: {', '.join(SD_CLASSES + SDXL_CLASSES)})")
-    cls = StableDiffusionPipeline if name in SD_CLASSES else StableDiffusionXLPipeline
+                              f"(supported: {', '.join(classes)})")
+    cls = classes[name]
     if pipeline_class is not None and cls is not pipeline_class:
         raise CheckpointError(f"{source}: a {cls.__name__} checkpoint ({name}), not a {pipeline_class.__name__} "
                               f"one; use {cls.__name__}.from_pretrained or load_pipeline")
@@ -626,19 +804,23 @@ def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, varian
                                   f"(max_position_embeddings) of text_encoder{suffix}")
         return tokenizer, encoder
 
-    tokenizer, text_encoder = text_parts()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
     if vae.needs_upcast:
         vae.float()
-    parts = dict(unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw), vae=vae,
-                 text_encoder=text_encoder, tokenizer=tokenizer,
-                 scheduler=scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")))
-    if cls is StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline(**parts)
+    parts = dict(vae=vae, scheduler=scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")))
+    if issubclass(cls, PixArtAlphaPipeline):  # Alpha checkpoints name the transformer's class Transformer2DModel
+        pipe = cls(transformer=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw),
+                   text_encoder=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **kw),
+                   tokenizer=T5Tokenizer.from_pretrained(folder, subfolder="tokenizer"), **parts)
     else:
-        tokenizer_2, text_encoder_2 = text_parts("_2")
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+        tokenizer, text_encoder = text_parts()
+        parts.update(unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+                     text_encoder=text_encoder, tokenizer=tokenizer)
+        if cls is StableDiffusionXLPipeline:
+            tokenizer_2, text_encoder_2 = text_parts("_2")
+            parts.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+        pipe = cls(**parts)
     # where the weights came from (the CLI writes it into PNGs): never an absolute local path
     local = Path(source).expanduser().is_dir()
     pipe.model_info = {"name": folder.name if local else str(source), "folder": folder,
