@@ -105,8 +105,8 @@ KINDS = {
 
 # ----------------------------------------------------------------------------- reading the file
 
-def read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) of every tensor, from the safetensors header only, with bounds:
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor, from the safetensors header only, with bounds:
     the header must be at most MAX_HEADER_BYTES, name at most MAX_TENSORS tensors, and each
     tensor must lie inside the file."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -136,13 +136,13 @@ def read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     shapes = {}
     for name, entry in header.items():
         try:
-            shape, dtype, (begin, end) = tuple(entry["shape"]), entry["dtype"], entry["data_offsets"]
+            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
             ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end <= size - 8 - n
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
             raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})")
-        shapes[name] = (shape, dtype)
+        shapes[name] = shape
     return shapes
 
 
@@ -272,22 +272,39 @@ def openclip_names(key: str) -> list[tuple[str, str]] | None:
     return None
 
 
-def rename_table(shapes: dict, kind: str, layers_per_block: int) -> dict[tuple[str, str], tuple[str, str]]:
+def ignored_keys(keys, kind: str) -> set[str]:
+    """The keys of the file left out on purpose (see the module docstring)."""
+    ignored = {k for k in keys if k.startswith("model_ema.") or k in DDPM_BUFFERS
+               or k.endswith((".position_ids", ".logit_scale"))}
+    if kind == "sd2":  # the block after the penultimate layer, and the unused pooled projection
+        blocks = f"{SD2_OPENCLIP}transformer.resblocks."
+        last = max(int(k[len(blocks):].split(".")[0]) for k in keys if k.startswith(blocks))
+        ignored |= {k for k in keys if k.startswith(f"{blocks}{last}.")} | {f"{SD2_OPENCLIP}text_projection"}
+    return ignored
+
+
+def unet_layers_per_block(keys) -> int:
+    """The UNet's resnets per down level, from where its first downsampler sits (input block
+    L+1; with a single level, no downsampler: the input blocks after conv_in)."""
+    down = [int(m[1]) for k in keys if (m := re.fullmatch(rf"{UNET}input_blocks\.(\d+)\.0\.op\.weight", k))]
+    blocks = [int(m[1]) for k in keys if (m := re.match(rf"{UNET}input_blocks\.(\d+)\.", k))]
+    return min(down) - 1 if down else max(blocks, default=0)
+
+
+def rename_table(keys, kind: str) -> dict[tuple[str, str], tuple[str, str]]:
     """(component, diffusers name) -> (key in the file, how to reshape it), for every tensor the
     pipeline's models take. Keys it cannot place raise a CheckpointError naming a few of them."""
-    table, unknown = {}, []
-    vae_levels = 1 + max((int(m[1]) for k in shapes if (m := re.match(rf"{VAE}decoder\.up\.(\d+)\.", k))), default=-1)
+    layers_per_block = unet_layers_per_block(keys)
+    vae_levels = 1 + max((int(m[1]) for k in keys if (m := re.match(rf"{VAE}decoder\.up\.(\d+)\.", k))), default=-1)
+    clip = {"sd1": SD1_CLIP, "sdxl": SDXL_CLIP}.get(kind)  # OpenAI's CLIP, in transformers' names already
     openclip = {"sd2": SD2_OPENCLIP, "sdxl": SDXL_OPENCLIP}.get(kind)
-    clip = {"sd1": SD1_CLIP, "sdxl": SDXL_CLIP}.get(kind)
-    encoder = "text_encoder_2" if kind == "sdxl" else "text_encoder"
-    last_block = max((int(m[1]) for k in shapes if openclip and (m := re.match(rf"{openclip}transformer\.resblocks\.(\d+)\.", k))),
-                     default=-1)
-    sd2_unused = {f"{SD2_OPENCLIP}text_projection"} | {k for k in shapes if k.startswith(f"{SD2_OPENCLIP}transformer.resblocks.{last_block}.")}
-    for key in shapes:
+    openclip_encoder = "text_encoder_2" if kind == "sdxl" else "text_encoder"
+    ignored = ignored_keys(keys, kind)
+    table, unknown = {}, []
+    for key in keys:
+        if key in ignored:
+            continue
         names = None
-        if (key.startswith("model_ema.") or key in DDPM_BUFFERS or key.endswith((".position_ids", ".logit_scale"))
-                or (kind == "sd2" and key in sd2_unused)):
-            continue  # on purpose: see the module docstring
         if key.startswith(UNET):
             new = unet_name(key[len(UNET):], layers_per_block)
             names = new and [("unet", new, "")]
@@ -296,11 +313,11 @@ def rename_table(shapes: dict, kind: str, layers_per_block: int) -> dict[tuple[s
             # the mid-block attention's q/k/v/proj_out are 1x1 convolutions in the LDM VAE
             names = new and [("vae", new, "1x1" if ".attentions.0.to_" in new and new.endswith(".weight") else "")]
         elif clip and key.startswith(clip):
-            rest = key[len(clip):]  # transformers' names; very old files lack the text_model. level
+            rest = key[len(clip):]  # very old files lack the text_model. level
             names = [("text_encoder", rest if rest.startswith("text_model.") else "text_model." + rest, "")]
         elif openclip and key.startswith(openclip):
             found = openclip_names(key[len(openclip):])
-            names = found and [(encoder, new, how) for new, how in found]
+            names = found and [(openclip_encoder, new, how) for new, how in found]
         if not names:
             unknown.append(key)
             continue
@@ -323,12 +340,12 @@ def reshape(t: torch.Tensor, how: str) -> torch.Tensor:
     return t
 
 
-def convert(state: dict[str, torch.Tensor], layers_per_block: int = 2) -> tuple[str, dict[str, dict]]:
+def convert(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict]]:
     """(kind, {component: diffusers state dict}) of an LDM state dict held in memory (or on the
     meta device); `load_single_file` does the same reading one tensor at a time."""
     kind = detect_kind(state)
     parts: dict[str, dict] = {}
-    for (component, new), (key, how) in rename_table(state, kind, layers_per_block).items():
+    for (component, new), (key, how) in rename_table(state, kind).items():
         parts.setdefault(component, {})[new] = reshape(state[key], how)
     return kind, parts
 
@@ -368,12 +385,13 @@ def folder_configs(folder: Path, kind: str) -> dict:
 
 
 def preset_configs(kind: str, prediction_type: str) -> dict:
+    """The component configs of the real models of a kind (see KINDS)."""
     unet_preset, scaling, encoders, scheduler, _ = KINDS[kind]
     unet = read_json(PRESETS / f"{unet_preset}.json")
     if kind == "sd2" and prediction_type == "epsilon":
         unet["sample_size"] = 64  # the 512 px SD-2 base models
     size = unet["sample_size"] * 8
-    configs = {"unet": unet, "vae": dict(sample_size=size, scaling_factor=scaling), "scheduler": dict(scheduler),
+    configs = {"unet": unet, "vae": dict(sample_size=size, scaling_factor=scaling), "scheduler": dict(scheduler, prediction_type=prediction_type),
                "force_zeros_for_empty_prompt": True}
     for name, encoder in zip(["text_encoder", "text_encoder_2"], encoders):
         configs[name] = dict(encoder)
@@ -410,12 +428,13 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     kind = detect_kind(shapes)
     folder = None if config is None else Path(config).expanduser()
     configs = folder_configs(folder, kind) if folder else preset_configs(kind, prediction_type or KINDS[kind][4])
-    if prediction_type is not None:
+    if prediction_type is not None:  # the argument wins over a config folder's scheduler too
         configs["scheduler"]["prediction_type"] = prediction_type
-    elif folder is None:
-        configs["scheduler"]["prediction_type"] = KINDS[kind][4]
     unet_config = UNetConfig.from_dict(configs["unet"])
-    table = rename_table(shapes, kind, unet_config.layers_per_block)
+    if unet_layers_per_block(shapes) != unet_config.layers_per_block:
+        raise CheckpointError(f"{path}: its UNet has {unet_layers_per_block(shapes)} layers per block, the unet "
+                              f"config {unet_config.layers_per_block} ({'config=' if folder else 'the ' + kind + ' preset'})")
+    table = rename_table(shapes, kind)
 
     states: dict[str, dict] = {}
     with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor at a time

@@ -196,7 +196,7 @@ def images(pipe, kind, **kw):
                 latents=latents, output_type="np", **kw).images
 
 
-def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny):
+def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny, tmp_path):
     kind, folder, path = tiny
     cls = diffusers.StableDiffusionXLPipeline if kind == "sdxl" else diffusers.StableDiffusionPipeline
     ref_folder = cls.from_pretrained(folder)
@@ -207,7 +207,10 @@ def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny):
         assert a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
-    ours = single_file.load_single_file(path, config=folder)
+    # configs only: the tokenizers come from the project's CLIP vocabulary (weights/clip)
+    configs = tmp_path / "configs"
+    shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("tokenizer*", "*.safetensors"))
+    ours = single_file.load_single_file(path, config=configs)
     assert ours.scheduler.config["prediction_type"] == ("v_prediction" if kind == "sd2" else "epsilon")
     a, b, c = images(ours, kind), images(ref_single, kind), images(ref_folder, kind)
     assert a.shape == b.shape == (1, 64, 64, 3)
@@ -292,12 +295,52 @@ def test_real_scale_key_sets_convert_to_the_diffusers_state_dicts(kind):
     assert parts.keys() == ours.keys()
     for name, model in ours.items():
         assert shapes(parts[name]) == shapes(model.state_dict()), name
+    if kind == "sd2":  # what is left out of SD-2's text tower is exactly what diffusers leaves out
+        generic = single_file.ignored_keys(ldm, "sd1")
+        assert single_file.ignored_keys(ldm, "sd2") - generic == set(reference.SD_2_TEXT_ENCODER_KEYS_TO_IGNORE)
     # and the names are diffusers' (the text encoders' with transformers' text_model. level)
     assert shapes(parts["unet"]) == shapes(unet.state_dict())
     assert shapes(parts["vae"]) == shapes(vae.state_dict())
 
 
+def test_preset_schedulers_are_sds_noise_schedule():
+    """The presets' schedule is the one diffusers' from_single_file assumes for these files."""
+    for kind, (_, _, _, scheduler, prediction) in single_file.KINDS.items():
+        for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "steps_offset", "timestep_spacing"):
+            assert scheduler[k] == reference.SCHEDULER_DEFAULT_CONFIG[k], (kind, k)
+        config = single_file.preset_configs(kind, prediction)
+        sample = config["unet"]["sample_size"] * 8
+        assert sample == reference.DIFFUSERS_TO_LDM_DEFAULT_IMAGE_SIZE_MAP[{"sd1": "v1", "sd2": "v2", "sdxl": "xl_base"}[kind]]
+        assert config["vae"]["sample_size"] == sample
+    assert single_file.preset_configs("sd2", "epsilon")["unet"]["sample_size"] * 8 == 512
+
+
 # ----------------------------------------------------------------------------- errors
+
+def test_presets_refuse_a_file_of_other_sizes(tiny):
+    """Without config=, the presets are the real models': a tiny file does not fit them."""
+    kind, folder, path = tiny
+    with pytest.raises(CheckpointError, match="its UNet has 1 layers per block, the unet config 2 .the (sd1|sd2|sdxl) preset"):
+        single_file.load_single_file(path)
+
+
+def test_a_config_that_does_not_fit_names_the_part_and_keys(tiny, tmp_path):
+    kind, folder, path = tiny
+    shutil.copytree(folder, tmp_path / "config")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (tmp_path / "config" / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 24}))
+    with pytest.raises(CheckpointError, match=r"its unet does not fit the unet config \(\d+ problems: .*attn2.to_k.weight: "
+                                              r"file \(\d+, \d+\) vs model"):
+        single_file.load_single_file(path, config=tmp_path / "config")
+
+
+def test_file_size_bound(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.truncate(single_file.MAX_FILE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(CheckpointError, match="larger than any Stable Diffusion checkpoint"):
+        single_file.load_single_file(path)
+
 
 def test_unknown_keys_are_named(tiny, tmp_path):
     kind, folder, path = tiny
