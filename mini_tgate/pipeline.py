@@ -29,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import lora
 from .checkpoint import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel, preprocess_prompt
 from .text_encoder import CLIPTextModel
+from .image import read_image
 from .tgate import TGate, plan
 from .tokenizer import CLIPTokenizer, T5Tokenizer
 from .unet import UNet2DConditionModel
@@ -133,6 +135,7 @@ class DiffusionPipeline:
     (two text encoders, size conditioning) and the PixArt pipelines (transformer, T5 text)."""
 
     default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL, 4.5 for PixArt
+    default_strength = None  # img2img's (diffusers': 0.8 for SD, 0.3 for SDXL); None: no img2img (PixArt)
     extra_call_args = ()  # keyword arguments of __call__ that only the subclass reads (SDXL's, PixArt's)
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: Scheduler):
@@ -221,6 +224,23 @@ class DiffusionPipeline:
         self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
         self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)
         return self
+
+    def load_lora_weights(self, path_or_repo_id, weight_name: str | None = None, scale: float = 1.0,
+                          adapter_name: str | None = None, local_files_only: bool = False, cache_dir=None,
+                          revision: str | None = None) -> str:
+        """Merge a LoRA (a .safetensors file, a folder or hub repo id holding one, or a dict of
+        tensors; diffusers/PEFT or kohya format) into the weights, scaled by `scale`: diffusers'
+        load_lora_weights + fuse_lora. Several LoRAs add up. Returns the adapter name. The file is
+        read first; the weights change under the call lock, never under a running generation.
+        See lora.py."""
+        lora_file = lora.read_lora(path_or_repo_id, weight_name, local_files_only, cache_dir, revision)
+        with self.exclusive_call():
+            return lora.fuse(self, lora_file, scale, adapter_name)
+
+    def unload_lora_weights(self) -> None:
+        """Every weight a LoRA changed back to its original, bit for bit."""
+        with self.exclusive_call():
+            lora.unfuse_all(self)
 
     # ----------------------------------------------------------------------------- prompts
 
@@ -311,9 +331,9 @@ class DiffusionPipeline:
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  clip_skip: int | None = None, timesteps: list | None = None, sigmas: list | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 **conditioning) -> PipelineOutput:
-        """Text to images. Thread-safe: concurrent calls on one pipeline run one at a time (see
-        exclusive_call), each with its own copy of the scheduler.
+                 image=None, strength: float | None = None, **conditioning) -> PipelineOutput:
+        """Text to images; with `image`, img2img (see image_latents). Thread-safe: concurrent calls
+        on one pipeline run one at a time (see exclusive_call), each with its own copy of the scheduler.
 
         `callback_on_step_end(pipe, i, t, tensors) -> dict` runs after each step with the tensors
         named in `callback_on_step_end_tensor_inputs`; those it returns replace the loop's. Setting
@@ -328,6 +348,11 @@ class DiffusionPipeline:
         scheduler = copy.deepcopy(self.scheduler)  # its timesteps and step state belong to this call
         device, dtype, f = offload or self.device, next(denoiser.parameters()).dtype, self.vae_scale_factor
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        if image is not None:  # img2img: the size is the image's
+            pixels, strength = self.check_image(image, strength, height, width, latents)
+            height, width = pixels.shape[2:]
+        elif strength is not None:
+            raise ValueError("strength is for img2img: give image= too")
         height = denoiser.config.sample_size * f if height is None else height  # 0 is an error, not the default
         width = denoiser.config.sample_size * f if width is None else width
         if (prompt is None) == (prompt_embeds is None):
@@ -346,11 +371,21 @@ class DiffusionPipeline:
                           generator, latents, guidance_rescale, eta, batch, tgate, clip_skip, callback_on_step_end,
                           callback_inputs)
         self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        if image is not None and pixels.shape[0] not in (1, batch):
+            raise ValueError(f"{pixels.shape[0]} images for {batch} outputs (prompts x num_images_per_prompt); "
+                             "give one image for all, or one per output")
         # the size the denoiser works at, and the size of the images returned (PixArt's binning)
         height, width, output_size = self.working_size(height, width, conditioning)
         # this call's schedule, on its own scheduler copy; custom lists are checked by the scheduler
         custom = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
         scheduler.set_timesteps(None if custom else num_inference_steps, device=device, **custom)
+        if image is not None:  # run the last int(N * strength) of the N steps, as diffusers
+            steps = len(scheduler.timesteps) if custom else num_inference_steps
+            begin = steps - min(int(steps * strength), steps)
+            if begin >= len(scheduler.timesteps):
+                raise ValueError(f"strength={strength} of num_inference_steps={steps} runs int({steps} * {strength}) "
+                                 "= 0 steps; give more steps or a higher strength")
+            scheduler.set_begin_index(begin)
         shape = (batch, denoiser.config.in_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -378,16 +413,20 @@ class DiffusionPipeline:
                                                            torch.float32).to(device, dtype)
             timings["text"] = time.perf_counter() - start
 
-            # 2. Initial noise, drawn as diffusers draws it.
-            if latents is None:
-                latents = randn_tensor(shape, generator, device, dtype)
-            latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+            # 2. Initial noise, drawn as diffusers draws it; img2img noises the image's latents instead.
+            if image is not None:
+                with on_device([vae], offload):
+                    latents = self.image_latents(pixels, vae, scheduler, batch, generator, device, dtype)
+            else:
+                if latents is None:
+                    latents = randn_tensor(shape, generator, device, dtype)
+                latents = latents.to(device, dtype) * scheduler.init_noise_sigma
 
             # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
             start = time.perf_counter()
             with on_device([denoiser], offload):
                 latents, report = self.denoise(
-                    denoiser, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps), cfg),
+                    denoiser, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps) - scheduler.begin_index, cfg),
                     guidance_scale, guidance_rescale, eta, generator, bar_config, callback_on_step_end,
                     callback_inputs)
             timings["denoise"] = time.perf_counter() - start
@@ -401,6 +440,38 @@ class DiffusionPipeline:
                     images = self.decode(latents, output_type, vae, output_size)
             timings["decode"] = time.perf_counter() - start
             return PipelineOutput(images, report, timings)
+
+    def check_image(self, image, strength, height, width, latents):
+        """img2img's arguments: the image read as (N, 3, H, W) in [0, 1] (image.py), and the strength."""
+        if self.default_strength is None:
+            raise ValueError(f"{type(self).__name__} has no img2img (image=); diffusers has none for it either")
+        strength = self.default_strength if strength is None else strength
+        if not is_number(strength) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1] (the share of the steps run), got {strength!r}")
+        if latents is not None:
+            raise ValueError("give image= or latents=, not both (img2img makes its latents from the image)")
+        pixels = read_image(image, MAX_SIDE)
+        f, (h, w) = self.vae_scale_factor, pixels.shape[2:]
+        if h % f or w % f or not h or not w:
+            raise ValueError(f"the image is {w}x{h} pixels; img2img needs a width and height that are positive "
+                             f"multiples of {f} (crop or resize it)")
+        if (height is not None and height != h) or (width is not None and width != w):
+            raise ValueError(f"img2img takes height and width from the image ({h}x{w}), got {height}x{width}")
+        return pixels, strength
+
+    def image_latents(self, pixels, vae, scheduler, batch, generator, device, dtype):
+        """img2img's starting point, as diffusers makes it: the image's latents (a sample of the VAE
+        posterior, scaled) noised to the first step run, `scheduler.begin_index`. The generator
+        draws the posterior sample first, then the noise: the order matters for equality. The
+        denoising then runs the remaining steps; the TGATE plan is made over those alone, so its
+        caching step m-1 always runs and a gate at or past their number gates nothing."""
+        x = (2 * pixels - 1).to(device)  # the VAE takes [-1, 1]
+        if isinstance(generator, (list, tuple)) and len(x) < batch:
+            x = x.expand(batch, -1, -1, -1)  # one posterior sample per generator
+        z = vae.scale_latents(vae.encode(x).sample(generator).float()).to(device, dtype)
+        z = z.expand(batch, -1, -1, -1)  # one image for every output
+        noise = randn_tensor(z.shape, generator, device, dtype)
+        return scheduler.add_noise(z, noise, scheduler.timesteps[scheduler.begin_index:][:1].repeat(batch))
 
     @contextmanager
     def exclusive_call(self):
@@ -427,7 +498,7 @@ class DiffusionPipeline:
         report = []
         bar = progress_bar(len(steps), bar_config)
         try:
-            for i, (t, step) in enumerate(zip(scheduler.timesteps, steps)):
+            for i, (t, step) in enumerate(zip(scheduler.timesteps[scheduler.begin_index:], steps)):
                 denoiser.set_gate(step)
                 if step.cfg:
                     x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
@@ -497,6 +568,8 @@ class DiffusionPipeline:
 class StableDiffusionPipeline(DiffusionPipeline):
     """SD 1.x / 2.x text-to-image (and LCM, whose UNet takes guidance as an embedding)."""
 
+    default_strength = 0.8
+
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: Scheduler):
         super().__init__(vae, text_encoder, tokenizer, scheduler)
@@ -546,6 +619,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     """SDXL: two text encoders, pooled text and image-size conditioning through `time_ids`."""
 
     default_guidance_scale = 5.0
+    default_strength = 0.3
     extra_call_args = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
                        "original_size", "target_size", "crops_coords_top_left")
 
