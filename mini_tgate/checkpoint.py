@@ -409,14 +409,15 @@ def save_pipeline(pipe, folder) -> None:
     `DiffusionPipeline.from_pretrained(folder)` and `load_pipeline(folder)` both read it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sdxl = hasattr(pipe, "text_encoder_2")
-    index = {"_class_name": type(pipe).__name__,  # StableDiffusionPipeline / StableDiffusionXLPipeline
-             "feature_extractor": [None, None], "image_encoder": [None, None]}  # components not saved
+    sdxl, pixart = hasattr(pipe, "text_encoder_2"), hasattr(pipe, "transformer")
+    index = {"_class_name": type(pipe).__name__}  # StableDiffusionPipeline, ..., PixArtSigmaPipeline
     if sdxl:
         index["force_zeros_for_empty_prompt"] = pipe.force_zeros_for_empty_prompt
-    else:
+    elif not pixart:
         index.update(safety_checker=[None, None], requires_safety_checker=False)
-    models = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if sdxl else [])
+    if not pixart:
+        index.update(feature_extractor=[None, None], image_encoder=[None, None])  # components not saved
+    models = ["transformer" if pixart else "unet", "vae", "text_encoder"] + (["text_encoder_2"] if sdxl else [])
     for name in models:
         model = getattr(pipe, name)
         model.save_pretrained(folder / name)
@@ -424,7 +425,7 @@ def save_pipeline(pipe, folder) -> None:
         index[name] = [library, model.saved_names()[0]]
     for name in ["tokenizer"] + (["tokenizer_2"] if sdxl else []):
         getattr(pipe, name).save_pretrained(folder / name)
-        index[name] = ["transformers", "CLIPTokenizer"]
+        index[name] = ["transformers", type(getattr(pipe, name)).__name__]
     (folder / "scheduler").mkdir(exist_ok=True)
     config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
     write_json(folder / "scheduler" / "scheduler_config.json", config)

@@ -185,3 +185,17 @@ def test_class_mapping_and_errors(checkpoints, ours):
         pipe(prompt_embeds=torch.zeros(1, 5, 32), **small)
     with pytest.raises(TypeError, match="unexpected keyword argument 'prompt_2'"):
         pipe("a cat", prompt_2="x", **small)
+
+
+def test_save_pipeline_reads_back_in_diffusers(checkpoints, ours, tmp_path):
+    """save_pipeline writes a PixArt folder that diffusers loads and that draws diffusers' image."""
+    from mini_tgate import save_pipeline
+
+    save_pipeline(ours["sigma"], tmp_path / "saved")
+    kw = dict(prompt=PROMPTS[0], num_inference_steps=3, height=128, width=128, use_resolution_binning=False,
+              latents=noise(1, 128, 128))
+    ref = diffusers.PixArtSigmaPipeline.from_pretrained(tmp_path / "saved")
+    ref.set_progress_bar_config(disable=True)
+    expected = reference("sigma", checkpoints["sigma"][1], **kw)
+    np.testing.assert_allclose(ref(**kw, output_type="np", clean_caption=False).images, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(load_pipeline(tmp_path / "saved")(**kw).images, expected, atol=1e-3, rtol=0)
