@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import batch
 from .checkpoint import CheckpointError, model_hash
 from .config import ConfigError
 from .macs import MAX_SIDE, MAX_STEPS, count_macs
@@ -378,6 +379,113 @@ def generate_command(args) -> None:
               f"{si(base)}, {1 - gated / base:.1%} fewer")
 
 
+# ----------------------------------------------------------------------------- batch
+
+# generate's options that do not decide an image's pixels (or are recorded another way), left out
+# of the options a batch folder's records carry and a rerun must repeat
+NOT_PIXELS = {"command", "run", "prompts", "out", "overwrite", "compare", "compare_tgate", "device", "no_tgate",
+              "gate_step", "sp_interval", "fi_interval", "warm_up"}
+
+
+def batch_command(args) -> None:
+    """`batch`: a prompt file to a folder of PNGs and manifest.jsonl, on one process or under
+    torchrun (mini_tgate/batch.py tells how). Errors before the images are made are the same on
+    every rank: rank 0 says them, the others exit quietly."""
+    rank, world = batch.distributed()
+    try:
+        job, pending, device, dtype, threads = prepare_batch(args, rank, world)
+    except ERRORS:
+        if rank != 0:
+            sys.exit(1)
+        raise
+    already = len(job.images) - sum(len(job.batches[k]) for k in pending)
+    stats = {"images": [0] * world, "busy": [0.0] * world, "wall": 0.0}
+    if pending:  # else there is nothing to load the model for
+        start = time.perf_counter()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        pipe = load_from_options(args, device, dtype)
+        call = call_options(args, pipe)
+        info = pipe.model_info
+        hash_ = batch.broadcast(model_hash(info["folder"], args.variant) if rank == 0 else None, world)
+        sampler, schedule_type = a1111_names(pipe.scheduler)
+        png_params = dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
+                          scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
+                          model_hash=hash_, model_revision=info.get("revision"), dtype=dtype)
+        macs = {gate: count_macs(pipe.denoiser.config, call["height"], call["width"], args.steps, call["guidance_scale"],
+                                 gate)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
+        if rank == 0:
+            print(f"loaded {args.model} ({type(pipe).__name__}) on {device} in {str(dtype).removeprefix('torch.')}: "
+                  f"{time.perf_counter() - start:.1f} s; {len(job.images)} images, {already} there already, "
+                  f"{len(pending)} batches of up to {job.batch_size} to make on {world} process(es)", file=sys.stderr)
+        checker = batch.shapes_checker([image.prompt for image in job.images]) if args.compare_tgate else None
+        stats = batch.run_batches(job, pipe, pending, call, png_params, rank, world, checker, macs,
+                                  batch.Progress(len(job.images), already) if rank == 0 else None)
+    if rank == 0:
+        job.merge()
+        print(batch.summary(job, stats, already))
+    if world > 1:
+        batch.dist.destroy_process_group()
+
+
+def prepare_batch(args, rank: int, world: int):
+    """Everything checked before loading: the options, the prompt file, the folder; rank 0 plans
+    the job (which batches are still to do) and tells the others."""
+    gate = gate_from(args)
+    if args.compare:
+        raise ValueError("--compare is generate's: batch takes --compare-tgate (two folders, and their difference)")
+    if args.compare_tgate and gate is None:
+        raise ValueError("--compare-tgate runs without and with the gate: drop --no-tgate")
+    if args.overwrite:
+        raise ValueError("batch never replaces an image: a rerun skips those made already; to start afresh, "
+                         "choose another --out")
+    check_options(args)
+    check_text(args.negative or [], "negative prompt")
+    if args.negative and len(args.negative) > 1:
+        raise ValueError("batch takes one --negative, for every prompt without its own (a .jsonl prompt file "
+                         "gives each line its own \"negative\")")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ValueError(f"--threads {args.threads}: must be from 1 to 1024")
+    device = pick_device(args.device)
+    if world > 1 and device.type == "cuda":  # one GPU a process, by its rank on this machine
+        if device.index is not None:
+            raise ValueError(f"--device {args.device}: under torchrun each process takes the GPU of its "
+                             "LOCAL_RANK; pass --device cuda")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    threads = (args.threads or 1) if device.type == "cpu" else None
+    out = Path(args.out)
+    if out.suffix.lower() == ".png" or out.is_file():
+        raise ValueError(f"--out {args.out}: batch writes into a folder (PNGs named by id, and manifest.jsonl); name one")
+    check_writable(out)
+    lines = batch.read_prompts(args.prompts)
+    if world > len(lines):
+        raise ValueError(f"{world} processes for {len(lines)} prompt(s): start at most {len(lines)}")
+    folders = ({"": (out, gate)} if not args.compare_tgate
+               else {"no-tgate": (out / "no-tgate", None), "tgate": (out / "tgate", gate)})
+    model = Path(args.model).resolve() if Path(args.model).exists() else args.model  # a local folder, wherever called from
+    options = {k: v for k, v in vars(args).items() if k not in NOT_PIXELS}
+    options.update(model=str(model), device=device.type, threads=threads)
+    negative = args.negative[0] if args.negative else None
+
+    def job(seed):
+        return batch.Job(batch.job_images(lines, args.num_images, seed, negative), folders,
+                         {**options, "seed": seed}, args.batch_size)
+
+    def plan():  # rank 0; an error is sent to every rank, as its message
+        try:
+            seed = batch.resolve_seed([folder for folder, _ in folders.values()], args.seed)
+            return seed, job(seed).plan()
+        except ERRORS as e:
+            return one_line(e), None
+
+    seed, pending = batch.broadcast(plan() if rank == 0 else None, world)
+    if pending is None:
+        raise ValueError(seed)
+    return job(seed), pending, device, dtype, threads
+
+
 # ----------------------------------------------------------------------------- info, macs
 
 def info_command(args) -> None:
@@ -438,6 +546,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("generate", help="text to image (default model: weights/tiny-shapes, trained on coloured shapes)")
     add_generate_options(p)
     p.set_defaults(run=generate_command)
+
+    p = sub.add_parser("batch", help="a file of prompts to a folder of PNGs, on one process or many (torchrun)")
+    p.add_argument("prompts", metavar="PROMPTS",
+                   help="a text file, one prompt a line, or a .jsonl file of {\"prompt\", \"negative\", \"seed\", \"id\"}")
+    add_generate_options(p, prompt_argument=False)
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per process (default 1; the images depend on it, bit for bit: for more "
+                        "cores, start more processes with torchrun)")
+    p.add_argument("--compare-tgate", action="store_true",
+                   help="the same images without and with the gate, into OUT/no-tgate and OUT/tgate")
+    p.set_defaults(run=batch_command)
 
     p = sub.add_parser("info", help="what a PNG holds: size and the parameters it was generated with")
     p.add_argument("path")
