@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import batch
-from .checkpoint import CheckpointError, model_hash
+from .checkpoint import CheckpointError, is_repo_id, model_hash
 from .config import ConfigError
 from .macs import MAX_SIDE, MAX_STEPS, count_macs
 from .pipeline import load_pipeline
@@ -120,6 +120,9 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     add_gate_options(p)
     p.add_argument("--no-tgate", action="store_true", help="plain sampling, no gate")
     add_deepcache_options(p)
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="merge a LoRA (a .safetensors file, a folder or hub repo id holding one; diffusers or "
+                        "kohya/A1111 format) scaled by SCALE (default 1); repeat it for several")
     p.add_argument("--compile", action="store_true", help="torch.compile the pipeline's hot path")
     p.add_argument("--compare", action="store_true",
                    help="also run without the gate (same seed); save [no gate | TGATE | difference]")
@@ -245,11 +248,32 @@ def check_options(args) -> None:
     if args.scheduler is not None and args.scheduler.strip().lower() not in {n.lower() for n in SCHEDULER_NAMES}:
         raise ValueError(f"--scheduler {args.scheduler!r}: not one of {', '.join(SCHEDULER_NAMES)}")
     deepcache_from(args)  # its range here; the branch's upper bound is the UNet's, checked by the call
+    for path, _ in loras_from(args):  # a typo is found before the model loads, not minutes after
+        if not Path(path).expanduser().exists() and not is_repo_id(path):
+            raise ValueError(f"--lora {path}: no such file or folder (and not a hub repo id 'org/name')")
+
+
+def loras_from(args) -> list[tuple[str, float]]:
+    """--lora PATH[:SCALE] values as (path, scale). A last ':' followed by a number is the scale;
+    any other ':' belongs to the path."""
+    loras = []
+    for value in getattr(args, "lora", None) or []:
+        path, colon, scale = value.rpartition(":")
+        try:
+            number = float(scale) if colon and path else None
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ValueError(f"--lora {value}: the scale must be a finite number")
+        loras.append((value, 1.0) if number is None else (path, number))
+    return loras
 
 
 def load_from_options(args, device: torch.device, dtype: torch.dtype):
     """The pipeline generate's options ask for (shared with `batch`)."""
     pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision)
+    for path, scale in loras_from(args):
+        pipe.load_lora_weights(path, scale=scale)
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
     if args.compile:
@@ -308,6 +332,8 @@ def generate_command(args) -> None:
     info = pipe.model_info
     model = dict(model=info["name"], model_hash=model_hash(info["folder"], args.variant),
                  model_revision=info.get("revision"))
+    if args.lora:  # kept in the PNG's JSON
+        model["loras"] = [{"lora": path, "scale": scale} for path, scale in loras_from(args)]
     sampler, schedule_type = a1111_names(pipe.scheduler)
 
     options = call_options(args, pipe)

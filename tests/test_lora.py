@@ -517,3 +517,39 @@ def test_loading_waits_for_a_running_call(sd, tmp_path):
     runner.join(10)
     loader.join(10)
     assert list(sd.lora_adapters) == ["default_0"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_lora_with_scale_matches_diffusers(folders, bases, tmp_path, capsys):
+    from PIL import Image
+
+    from mini_tgate.__main__ import main
+
+    a = save(tmp_path, peft_lora(bases["sd"][0], seed=14), "a.safetensors")
+    b = save(tmp_path, kohya_sd_lora(bases["sd"][0], seed=15), "b.safetensors")
+    ref = reference(folders["sd"])
+    ref.load_lora_weights(str(a), adapter_name="a")
+    ref.load_lora_weights(str(b), adapter_name="b")
+    ref.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])
+    ref.fuse_lora(adapter_names=["a", "b"])
+    want = ref(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    rc = main(["generate", PROMPT, "--model", str(folders["sd"]), "--steps", "3", "--seed", "5", "--no-tgate",
+               "--lora", str(a), "--lora", f"{b}:0.5", "--out", str(tmp_path / "x.png")])
+    assert rc == 0, capsys.readouterr().err
+    got = np.asarray(Image.open(tmp_path / "x.png").convert("RGB")).astype(int)
+    assert np.abs(got - (want * 255).round()).max() <= 1
+    params = json.loads(Image.open(tmp_path / "x.png").info["mini_tgate"])
+    assert params["loras"] == [{"lora": str(a), "scale": 1.0}, {"lora": str(b), "scale": 0.5}]
+
+
+@pytest.mark.parametrize("value, message", [("lora.safetensors:inf", "the scale must be a finite number"),
+                                            ("missing.safetensors:0.5", "--lora missing.safetensors: no such file")])
+def test_cli_bad_lora_is_one_line_before_loading(folders, tmp_path, monkeypatch, capsys, value, message):
+    from mini_tgate import __main__ as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    assert cli.main(["generate", PROMPT, "--model", str(folders["sd"]), "--lora", value]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
