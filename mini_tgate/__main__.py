@@ -29,6 +29,7 @@ import torch
 from . import batch
 from .checkpoint import CheckpointError, is_repo_id, model_hash
 from .config import ConfigError
+from .image import read_image
 from .macs import MAX_SIDE, MAX_STEPS, count_macs
 from .pipeline import load_pipeline
 from .png import describe, format_parameters, image_grid, save_png, side_by_side, to_uint8
@@ -38,7 +39,7 @@ from .tgate import DeepCache, TGate
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICES = ("cpu", "cuda")  # what the pipeline is built and tested for (mps, xpu: not here)
-ERRORS = (CheckpointError, ConfigError, ValueError, OSError, FloatingPointError, TypeError)
+ERRORS = (CheckpointError, ConfigError, ValueError, OSError, FloatingPointError, TypeError, ImportError)
 # Bounds on what one run may ask for, checked before anything is loaded or allocated. An image
 # takes seconds (tiny model) to minutes (SDXL on a CPU): 1000 images is already a day's work.
 # One UNet batch holds --batch-size images (twice that with CFG): 64 fits SD-1.5 at 512 px on an
@@ -296,6 +297,25 @@ def call_options(args, pipe) -> dict:
                 **({} if deepcache is None else {"deepcache": deepcache}))
 
 
+def image_option(args) -> torch.Tensor | None:
+    """generate's --image, read (and --strength checked) before the model loads: the pixels or None."""
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength {args.strength}: must be in (0, 1] (the share of --steps run)")
+    if args.image is None:
+        if args.strength is not None:
+            raise ValueError("--strength is for img2img: give --image too")
+        return None
+    pixels = read_image(args.image, MAX_SIDE)
+    h, w = pixels.shape[2:]
+    if h % 8 or w % 8:
+        raise ValueError(f"the image is {w}x{h} pixels; img2img needs a width and height that are multiples of 8 "
+                         "(crop or resize it)")
+    for name, value in (("height", args.height), ("width", args.width)):
+        if value is not None and value != {"height": h, "width": w}[name]:
+            raise ValueError(f"--{name} {value}: img2img makes images of the --image's size ({w}x{h}); drop --{name}")
+    return pixels
+
+
 def generate_command(args) -> None:
     start = time.perf_counter()
     # Everything the arguments alone decide is checked here, before the model (minutes for SDXL) loads.
@@ -308,6 +328,7 @@ def generate_command(args) -> None:
         raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
                          "(give one for all prompts, or one per prompt)")
     check_options(args)
+    image = image_option(args)
     n_images = len(args.prompt) * args.num_images
     if not 1 <= args.num_images or n_images > MAX_IMAGES:
         raise ValueError(f"--num-images {args.num_images}: from 1 to {MAX_IMAGES // len(args.prompt)} "
@@ -337,6 +358,9 @@ def generate_command(args) -> None:
     sampler, schedule_type = a1111_names(pipe.scheduler)
 
     options = call_options(args, pipe)
+    if image is not None:  # img2img: the image's size; the pipeline's default strength unless given
+        options.update(image=image, height=image.shape[2], width=image.shape[3],
+                       **({} if args.strength is None else {"strength": args.strength}))
     height, width, guidance = options["height"], options["width"], options["guidance_scale"]
     # Image i: prompt i // num_images, seed + i, its own generator: any image comes out the same
     # when made alone with `--seed <its seed> --num-images 1` (exactly so with --batch-size 1).
@@ -372,6 +396,8 @@ def generate_command(args) -> None:
                      height=image.shape[0], dtype=dtype)
             if negatives is not None:
                 p["negative_prompt"] = negatives[i]
+            if image is not None:  # the file's name only, never a local path
+                p.update(image=Path(args.image).name, strength=args.strength or pipe.default_strength)
             if args.compare:
                 p["layout"] = "no gate | TGATE | difference"
             if files is None:
@@ -388,18 +414,19 @@ def generate_command(args) -> None:
         save_png(grid_file, image, format_parameters(p), overwrite=args.overwrite)
         print(f"saved {grid_file} (all {n_images} images)")
 
+    steps = len(out.steps)  # the steps run: img2img runs the last int(--steps * strength)
     if timed is not None:
         plain, out = timed
-        print(f"no gate: {phases(plain, args.steps)}")
-        print(f"TGATE:   {phases(out, args.steps)} "
+        print(f"no gate: {phases(plain, steps)}")
+        print(f"TGATE:   {phases(out, steps)} "
               f"({plain.timings['denoise'] / out.timings['denoise']:.2f}x the denoising speed; "
               f"timed on a second run of the first batch, after a warm-up run of both)")
-    print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, args.steps)}")
-    base = count_macs(pipe.unet.config, height, width, args.steps, guidance, None)["unet_macs"]
+    print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, steps)}")
+    base = count_macs(pipe.unet.config, height, width, steps, guidance, None)["unet_macs"]
     if gate is None:
         print(f"UNet: {si(base)} MACs per image (no gate)")
     else:
-        gated = count_macs(pipe.unet.config, height, width, args.steps, guidance, gate)["unet_macs"]
+        gated = count_macs(pipe.unet.config, height, width, steps, guidance, gate)["unet_macs"]
         print(f"TGATE (gate step {gate.gate_step}, sp_interval {gate.sp_interval}, fi_interval "
               f"{gate.fi_interval}, warm-up {gate.warm_up}): UNet {si(gated)} MACs per image instead of "
               f"{si(base)}, {1 - gated / base:.1%} fewer")
@@ -438,8 +465,9 @@ def batch_command(args) -> None:
         png_params = dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
                           scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
                           model_hash=hash_, model_revision=info.get("revision"), dtype=dtype)
+        deepcache = {"deepcache": call["deepcache"]} if "deepcache" in call else {}  # both folders run it
         macs = {gate: count_macs(pipe.denoiser.config, call["height"], call["width"], args.steps, call["guidance_scale"],
-                                 gate)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
+                                 gate, **deepcache)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
         if rank == 0:
             print(f"loaded {args.model} ({type(pipe).__name__}) on {device} in {str(dtype).removeprefix('torch.')}: "
                   f"{time.perf_counter() - start:.1f} s; {len(job.images)} images, {already} there already, "
@@ -571,6 +599,10 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("generate", help="text to image (default model: weights/tiny-shapes, trained on coloured shapes)")
     add_generate_options(p)
+    p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
+                   "the images have its size, a multiple of 8 a side")
+    p.add_argument("--strength", type=float, help="img2img: how much of --image is redrawn, in (0, 1]: the last "
+                   "int(steps * strength) steps run (default: the pipeline's, 0.8 SD, 0.3 SDXL)")
     p.set_defaults(run=generate_command)
 
     p = sub.add_parser("batch", help="a file of prompts to a folder of PNGs, on one process or many (torchrun)")
