@@ -86,7 +86,7 @@ def single(prompt_file, tmp_path_factory):
     return out
 
 
-def test_single_process_files_and_manifest(single):
+def test_single_process_files_and_manifest(single, pipe):
     files = pngs(single)
     assert sorted(files) == [f"{i:05d}.png" for i in range(10)]
     records = manifest(single)
@@ -95,11 +95,9 @@ def test_single_process_files_and_manifest(single):
     assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
     assert [r["parameters"]["batch_pos"] for r in records] == [0, 1, 2] * 3 + [0]
     assert leftovers(single) == []
-    macs = mini_tgate.count_macs(mini_tgate.UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet").config,
-                                 64, 64, 4, 7.5, mini_tgate.TGate(2, 1, 1, 0))["unet_macs"]
+    macs = mini_tgate.count_macs(pipe.unet.config, 64, 64, 4, 7.5, mini_tgate.TGate(2, 1, 1, 0))["unet_macs"]
     assert records[0]["denoiser_macs"] == macs
     # each image is what the pipeline makes for that batch of prompts and per-image seeds
-    pipe = mini_tgate.load_pipeline(MODEL)
     out = pipe(PROMPTS[3:6], num_inference_steps=4, tgate=mini_tgate.TGate(2, 1, 1, 0),
                generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)]).images
     for i, image in zip((3, 4, 5), out):
