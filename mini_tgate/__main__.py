@@ -101,7 +101,10 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
         p.add_argument("prompt", nargs="*", default=[prompt], help=f"one or more prompts (default: {prompt!r})")
     p.add_argument("--negative", action="append", help="negative prompt; repeat it to give one per prompt")
     p.add_argument("--model", default=str(model),
-                   help=f"a diffusers folder or a hub repo id (default: weights/{Path(model).name})")
+                   help=f"a diffusers folder, a hub repo id or one .safetensors file in the A1111/ComfyUI "
+                        f"(LDM) layout (default: weights/{Path(model).name})")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="single files only: what the UNet predicts (default: v_prediction for SD-2, else epsilon)")
     p.add_argument("--revision", help="a hub branch, tag or commit (recorded in the PNG)")
     p.add_argument("--variant", help="read *.VARIANT.safetensors, e.g. fp16")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on the CPU")
@@ -272,7 +275,8 @@ def loras_from(args) -> list[tuple[str, float]]:
 
 def load_from_options(args, device: torch.device, dtype: torch.dtype):
     """The pipeline generate's options ask for (shared with `batch`)."""
-    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
+                         prediction_type=args.prediction_type)
     for path, scale in loras_from(args):
         pipe.load_lora_weights(path, scale=scale)
     if args.scheduler:

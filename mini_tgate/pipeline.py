@@ -32,6 +32,7 @@ import torch
 from . import lora
 from .checkpoint import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
+from .single_file import is_single_file, load_single_file
 from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel, preprocess_prompt
 from .text_encoder import CLIPTextModel
@@ -845,14 +846,21 @@ def progress_bar(total: int, config: dict):
 
 def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
                   local_files_only: bool = False, cache_dir=None, revision: str | None = None,
-                  torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None
-                  ) -> DiffusionPipeline:
+                  torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None,
+                  prediction_type: str | None = None) -> DiffusionPipeline:
     """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
     on the hub), chosen by its model_index.json. dtype (diffusers' name, torch_dtype, is an alias)
     defaults to float32. The VAE stays in float32 when dtype is float16 and its config says
     force_upcast (the SDXL VAE overflows in float16). `pipeline_class`: refuse any other class
-    (what Class.from_pretrained passes)."""
+    (what Class.from_pretrained passes). A `.safetensors` file in the original LDM layout goes to
+    single_file.py, with `prediction_type` where the file cannot tell (SD-2: v_prediction)."""
     dtype = pick_dtype(dtype, torch_dtype)
+    if is_single_file(source):
+        if variant is not None or revision is not None:
+            raise ValueError(f"{source}: variant and revision are for diffusers folders and hub repos, not one file")
+        return load_single_file(source, device, dtype, prediction_type, pipeline_class=pipeline_class)
+    if prediction_type is not None:
+        raise ValueError("prediction_type is for single-file checkpoints; a diffusers folder's scheduler config sets it")
     folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
     index = read_json(folder / "model_index.json")
     name = index.get("_class_name")

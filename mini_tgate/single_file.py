@@ -105,6 +105,13 @@ KINDS = {
 
 # ----------------------------------------------------------------------------- reading the file
 
+def is_single_file(source) -> bool:
+    """A path to one checkpoint file (existing, or named like one: a missing `model.safetensors`
+    is "no such file", a `.ckpt` is refused as pickle) rather than a folder or hub repo id."""
+    path = Path(source).expanduser()
+    return path.is_file() or (not path.is_dir() and path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES))
+
+
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor, from the safetensors header only, with bounds:
     the header must be at most MAX_HEADER_BYTES, name at most MAX_TENSORS tensors, and each
@@ -409,13 +416,14 @@ def tokenizer(folder: Path | None, subfolder: str, pad_token: str) -> CLIPTokeni
 
 def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
                      prediction_type: str | None = None, config: str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | None = None):
+                     torch_dtype: torch.dtype | None = None, pipeline_class: type | None = None):
     """The pipeline of one LDM-layout `.safetensors` file (SD 1.x, SD 2.x or SDXL base).
 
     `prediction_type` ("epsilon", "v_prediction") overrides what the checkpoint kind implies
     (SD-2: v_prediction and 768 px; the others: epsilon), since the file cannot tell. `config`: a
     local diffusers folder whose unet/vae/text encoder/scheduler configs (and tokenizers) are
-    used instead of the presets, as in diffusers' `from_single_file(config=...)`."""
+    used instead of the presets, as in diffusers' `from_single_file(config=...)`.
+    `pipeline_class`: refuse a file of another kind (what Class.from_pretrained passes)."""
     from safetensors import safe_open
 
     from .pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -426,6 +434,10 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     path = Path(path).expanduser()
     shapes = read_shapes(path)
     kind = detect_kind(shapes)
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    if pipeline_class is not None and cls is not pipeline_class:
+        raise CheckpointError(f"{path}: a {cls.__name__} checkpoint ({kind}), not a {pipeline_class.__name__} one; "
+                              f"use {cls.__name__}.from_pretrained or load_pipeline")
     folder = None if config is None else Path(config).expanduser()
     configs = folder_configs(folder, kind) if folder else preset_configs(kind, prediction_type or KINDS[kind][4])
     if prediction_type is not None:  # the argument wins over a config folder's scheduler too
@@ -455,7 +467,7 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     encoders = {name: build(CLIPTextModel, CLIPTextConfig.from_dict(configs[name]), states.pop(name, {}), path, name)
                 for name in ("text_encoder", "text_encoder_2") if name in configs}
     scheduler = scheduler_from_config(configs["scheduler"])
-    if kind == "sdxl":
+    if cls is StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(
             unet=unet, vae=vae, text_encoder=encoders["text_encoder"], tokenizer=tokenizer(folder, "tokenizer", "<|endoftext|>"),
             scheduler=scheduler, text_encoder_2=encoders["text_encoder_2"], tokenizer_2=tokenizer(folder, "tokenizer_2", "!"),

@@ -219,16 +219,6 @@ def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny, tmp_path
     assert np.abs(a - images(ours, kind, tgate=mini_tgate.TGate(2, 1, 1, 0))).max() > 1e-4  # the gate acts
 
 
-def test_same_weights_as_the_folder_in_float16(tiny):
-    kind, folder, path = tiny
-    ours = single_file.load_single_file(path, config=folder, dtype=torch.float16)
-    ref = mini_tgate.load_pipeline(folder, dtype=torch.float16)
-    for name in ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else []):
-        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-
-
 # ----------------------------------------------------------------------------- real scale, meta device
 
 def meta_diffusers_parts(kind):
@@ -407,3 +397,67 @@ def test_prediction_type_argument_wins(tiny):
     kind, folder, path = tiny
     pipe = single_file.load_single_file(path, config=folder, prediction_type="v_prediction")
     assert pipe.scheduler.config["prediction_type"] == "v_prediction"
+
+
+# ----------------------------------------------------------------------------- load_pipeline and the CLI
+
+@pytest.fixture
+def presets_of(monkeypatch):
+    """Make the presets those of a tiny folder (the real ones need real-size files)."""
+    def use(folder):
+        monkeypatch.setattr(single_file, "preset_configs", lambda kind, prediction: single_file.folder_configs(folder, kind))
+    return use
+
+
+def test_load_pipeline_takes_a_single_file(tiny, presets_of):
+    """load_pipeline(file): the folder's weights exactly (float16 here), the right class."""
+    kind, folder, path = tiny
+    presets_of(folder)
+    ours = mini_tgate.load_pipeline(str(path), dtype=torch.float16)
+    ref = mini_tgate.load_pipeline(folder, dtype=torch.float16)
+    assert type(ours) is type(ref) and ours.model_info["name"] == "model.safetensors"
+    for name in ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else []):
+        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), name
+    other = mini_tgate.StableDiffusionPipeline if kind == "sdxl" else mini_tgate.StableDiffusionXLPipeline
+    with pytest.raises(CheckpointError, match=f"a {type(ref).__name__} checkpoint .{kind}., not a {other.__name__} one"):
+        other.from_pretrained(path)
+
+
+def test_load_pipeline_single_file_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.safetensors: no such file"):
+        mini_tgate.load_pipeline(tmp_path / "missing.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="pickle-based checkpoints are refused"):
+        mini_tgate.load_pipeline(tmp_path / "model.ckpt")
+    with pytest.raises(ValueError, match="prediction_type is for single-file checkpoints"):
+        mini_tgate.load_pipeline(tiny_models.save_sd(tmp_path / "folder"), prediction_type="epsilon")
+
+
+def test_variant_is_refused_for_a_single_file(tiny):
+    kind, folder, path = tiny
+    with pytest.raises(ValueError, match="variant and revision are for diffusers folders"):
+        mini_tgate.load_pipeline(path, variant="fp16")
+
+
+def test_cli_generates_from_a_single_file(tiny, presets_of, tmp_path, capsys):
+    import hashlib
+
+    from mini_tgate.__main__ import main
+    from mini_tgate.png import read_png_text
+
+    kind, folder, path = tiny
+    if kind != "sd2":
+        pytest.skip("one kind is enough for the command line")
+    presets_of(folder)
+    rc = main(["generate", "a cat", "--model", str(path), "--steps", "2", "--height", "64", "--width", "64",
+               "--prediction-type", "v_prediction", "--out", str(tmp_path / "cat.png"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    text = read_png_text(tmp_path / "cat.png")["parameters"]
+    assert "Model: model, " in text or "Model: model.safetensors" in text, text
+    assert f"Model hash: {hashlib.sha256(path.read_bytes()).hexdigest()[:10]}" in text  # A1111's: the file's SHA-256
+    rc = main(["generate", "a cat", "--model", str(folder), "--prediction-type", "epsilon", "--out", str(tmp_path / "b.png")])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.startswith("error: ") and len(err.splitlines()) == 1 and "single-file" in err
