@@ -328,3 +328,27 @@ def test_rerun_with_other_options_or_prompts_is_refused(single, prompt_file, tmp
     (out / "00001.png").unlink()
     assert main(["batch", str(prompt_file), "--out", str(out), *OPTIONS]) == 1
     assert "00002.png' is in the way of an image of this job and is not a readable PNG" in capsys.readouterr().err
+
+
+def test_random_seed_is_kept_for_reruns(tmp_path):
+    """--seed -1 draws a base seed once; a rerun into the same folder takes it from the records."""
+    assert batch.resolve_seed([tmp_path], 5) == 5
+    drawn = {batch.resolve_seed([tmp_path], -1) for _ in range(4)}
+    assert len(drawn) > 1 and all(0 <= s < 2**32 for s in drawn)
+    (tmp_path / ".manifest-0123abcd.jsonl").write_text(json.dumps({"id": "00000", "options": {"seed": 1234}}) + "\n")
+    assert batch.resolve_seed([tmp_path / "missing", tmp_path], -1) == 1234
+    assert batch.resolve_seed([tmp_path], 9) == 9  # a seed given is the seed (a mismatch is refused by plan())
+
+
+def test_part_files_cut_short_by_a_crash(tmp_path):
+    """A record a crash cut short (no newline yet) is dropped: its image is made again. Any other
+    line that is not a record stops the job instead of being guessed at."""
+    part = tmp_path / ".manifest-0123abcd.jsonl"
+    part.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "pro')
+    assert [r["id"] for r in batch.read_records(part)] == ["a", "b"]
+    part.write_text('{"id": "a"}\nnot json\n{"id": "c"}\n')
+    with pytest.raises(ValueError, match="line 2 is not a record of this command"):
+        batch.read_records(part)
+    part.write_text('{"id": "a"}\n')
+    (tmp_path / ".manifest-notours.jsonl").write_text("whatever\n")  # not a part file's name: not read
+    assert list(batch.folder_records(tmp_path)[0]) == ["a"]
