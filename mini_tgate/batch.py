@@ -37,6 +37,7 @@ tensors); rank 0 plans and tells the others, all count their images after each r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -271,7 +272,7 @@ class Job:
     options: dict
     batch_size: int
 
-    @property
+    @functools.cached_property
     def batches(self) -> list[list[Image]]:
         b = self.batch_size
         return [self.images[k:k + b] for k in range(0, len(self.images), b)]
