@@ -25,8 +25,8 @@ diffusers' `from_single_file(config=...)`, from a local diffusers folder given a
 Keys ignored on purpose (anything else the table does not use is an error naming it):
 - `model_ema.*`: the training-time EMA copy; A1111 and diffusers also run `model.diffusion_model`
   (released files put the EMA weights there already);
-- the DDPM noise-schedule buffers (`betas`, `alphas_cumprod`, ...): the scheduler is rebuilt
-  from its config;
+- the noise-schedule buffers (`betas`, `alphas_cumprod`, ..., SDXL's `denoiser.sigmas`): the
+  scheduler is rebuilt from its config;
 - `position_ids` (0..76, recomputed) and OpenCLIP's `logit_scale` (contrastive training only);
 - SD-2 only: the last OpenCLIP block and `text_projection`. SD-2 conditions on the penultimate
   layer's output (followed by the final layer norm), so diffusers' SD-2 text encoder is the
@@ -67,10 +67,11 @@ SD2_OPENCLIP = "cond_stage_model.model."
 SDXL_CLIP = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP = "conditioner.embedders.1.model."
 
-DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar"}
+# the noise schedule as buffers: LatentDiffusion's (SD 1/2) and sgm's DiscreteDenoiser's (SDXL)
+SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "denoiser.sigmas"}
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -281,7 +282,7 @@ def openclip_names(key: str) -> list[tuple[str, str]] | None:
 
 def ignored_keys(keys, kind: str) -> set[str]:
     """The keys of the file left out on purpose (see the module docstring)."""
-    ignored = {k for k in keys if k.startswith("model_ema.") or k in DDPM_BUFFERS
+    ignored = {k for k in keys if k.startswith("model_ema.") or k in SCHEDULE_BUFFERS
                or k.endswith((".position_ids", ".logit_scale"))}
     if kind == "sd2":  # the block after the penultimate layer, and the unused pooled projection
         blocks = f"{SD2_OPENCLIP}transformer.resblocks."

@@ -150,6 +150,8 @@ def ldm_state_dict(pipe, kind):
         out.update(ldm_openclip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     device = next(iter(out.values())).device
     out.update({name: torch.linspace(0.1, 0.9, 1000, device=device) for name in DDPM})
+    if kind == "sdxl":
+        out["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000, device=device)  # sgm's schedule buffer
     out.update({"model_ema.decay": torch.tensor(0.9999, device=device),
                 "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32, device=device)})
     return out
