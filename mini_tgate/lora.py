@@ -228,34 +228,37 @@ def kohya_names(model_name: str, model: nn.Module, layers: dict[str, nn.Module])
     return table
 
 
-def split_key(key: str) -> tuple[str, str, str] | None:
-    """(model prefix's model name, module reference, role) of a LoRA key, or None if the key has
-    no known prefix or suffix. The module reference is still in the file's naming."""
+def parse_key(key: str) -> tuple[str, str, bool, list[str]] | None:
+    """(model name, role, kohya?, names) of a LoRA key, or None if its prefix or suffix is unknown.
+    `names`: for kohya, the one flattened name; otherwise the module paths it may mean (an old
+    attention processor's `to_q_lora` is `to_q` in a UNet, `q_proj` in CLIP)."""
     for prefixes, kohya in ((KOHYA_PREFIXES, True), (DIFFUSERS_PREFIXES, False)):
-        for prefix, model_name in prefixes.items():
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix):]
-            if not kohya and (m := PROCESSOR_KEY.fullmatch(rest)):
-                return model_name, f"{m.group(1)}|{m.group(2)}", m.group(3)  # resolved in resolve_path
-            for suffix, role in ROLE_SUFFIXES.items():
-                if rest.endswith(suffix) and len(rest) > len(suffix):
-                    return model_name, ("kohya:" if kohya else "") + rest[:-len(suffix)], role
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            continue
+        rest = key[len(prefix):]
+        if not kohya and (m := PROCESSOR_KEY.fullmatch(rest)):
+            attention, proj, role = m.groups()
+            return prefixes[prefix], role, False, [f"{attention}.{name}" for name in PROCESSOR_TARGETS[proj]]
+        suffix = next((s for s in ROLE_SUFFIXES if rest.endswith(s) and len(rest) > len(s)), None)
+        if suffix is None:
             return None
+        return prefixes[prefix], ROLE_SUFFIXES[suffix], kohya, [rest[:-len(suffix)]]
     return None
 
 
-def resolve_path(ref: str, layers: dict[str, nn.Module], kohya_table: dict[str, str | None]) -> str | None:
-    if ref.startswith("kohya:"):
-        return kohya_table.get(ref[len("kohya:"):])
-    if "|" in ref:  # an attention processor's layer: to_q in a UNet, q_proj in CLIP
-        attention, proj = ref.split("|")
-        candidates = [f"{attention}.{name}" for name in PROCESSOR_TARGETS[proj]]
-    else:
-        candidates = [ref]
-    # transformers 5 names CLIPTextModel's layers without the `text_model.` the checkpoints have
-    candidates += ["text_model." + c for c in candidates]
-    return next((c for c in candidates if c in layers), None)
+class LayerIndex:
+    """The layers of one model a LoRA can adapt (Linear, Conv2d): by path, and by kohya's names."""
+
+    def __init__(self, model_name: str, model: nn.Module):
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        self.kohya = kohya_names(model_name, model, self.layers)
+
+    def find(self, names: list[str], kohya: bool) -> str | None:
+        if kohya:
+            return self.kohya.get(names[0])
+        # transformers 5 names CLIPTextModel's layers without the `text_model.` files may have
+        return next((p for name in names for p in (name, "text_model." + name) if p in self.layers), None)
 
 
 def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]:
@@ -263,21 +266,19 @@ def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]
     the layer, rank at most the layer's dimensions, values finite."""
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown, absent = [], set()
-    tables = {}
+    indexes: dict[str, LayerIndex] = {}
     for key, tensor in lora.tensors.items():
-        parts = split_key(key)
-        if parts is None:
+        parsed = parse_key(key)
+        if parsed is None:
             unknown.append(key)
             continue
-        model_name, ref, role = parts
+        model_name, role, kohya, names = parsed
         if model_name not in models:
             absent.add(model_name)
             continue
-        model = models[model_name]
-        if model_name not in tables:
-            layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-            tables[model_name] = layers, kohya_names(model_name, model, layers)
-        path = resolve_path(ref, *tables[model_name])
+        if model_name not in indexes:
+            indexes[model_name] = LayerIndex(model_name, models[model_name])
+        path = indexes[model_name].find(names, kohya)
         if path is None:
             unknown.append(key)
             continue
@@ -295,7 +296,7 @@ def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]
                               f"{', '.join(unknown[:5])}{more} (LoRA formats read: diffusers/PEFT, kohya/A1111)")
     if not groups:
         raise CheckpointError(f"{lora.name}: holds no LoRA weights")
-    return [checked_layer(lora, model_name, path, tables[model_name][0][path].weight, group)
+    return [checked_layer(lora, model_name, path, indexes[model_name].layers[path].weight, group)
             for (model_name, path), group in groups.items()]
 
 

@@ -553,3 +553,29 @@ def test_cli_bad_lora_is_one_line_before_loading(folders, tmp_path, monkeypatch,
     assert cli.main(["generate", PROMPT, "--model", str(folders["sd"]), "--lora", value]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_sdxl_kohya_names_at_real_scale_as_diffusers_reads_them():
+    """Every Linear/Conv2d of the real SDXL UNet (meta device): its kohya (LDM) name, as
+    ldm_unet_name writes it, is read back to that same layer by diffusers' own kohya converter and
+    by ours."""
+    from diffusers.loaders.lora_conversion_utils import (_convert_non_diffusers_lora_to_diffusers,
+                                                         _maybe_map_sgm_blocks_to_diffusers)
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    from mini_tgate.lora import LayerIndex, ldm_unet_name
+    from mini_tgate.macs import PRESETS
+
+    config = json.loads((PRESETS / "sdxl.json").read_text())
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(config)
+    index = LayerIndex("unet", unet)
+    up_with_attention = {b for b, block in enumerate(unet.up_blocks) if hasattr(block, "attentions")}
+    assert len(index.layers) == 794
+    for path in index.layers:
+        flat = "lora_unet_" + ldm_unet_name(path, 2, up_with_attention).replace(".", "_")
+        assert index.find([flat.removeprefix("lora_unet_")], kohya=True) == path
+        halves = {f"{flat}.lora_down.weight": torch.zeros(1), f"{flat}.lora_up.weight": torch.zeros(1)}
+        converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(halves, unet.config))
+        peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+        assert {k.rsplit(".lora_", 1)[0] for k in peft} == {path}, flat
