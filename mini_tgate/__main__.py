@@ -91,10 +91,12 @@ def deepcache_from(args) -> DeepCache | None:
 # ----------------------------------------------------------------------------- generate: options
 
 def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
-                         model: str | os.PathLike = DEFAULT_MODEL, prompt_argument: bool = True) -> None:
+                         model: str | os.PathLike = DEFAULT_MODEL, prompt_argument: bool = True,
+                         img2img: bool = True) -> None:
     """The options of `generate`; examples/sample.py passes a default prompt and model, `batch`
-    prompt_argument=False (its prompts come from a file). An option added here works in `batch`
-    too when its effect is in check_options, load_from_options or call_options."""
+    prompt_argument=False (its prompts come from a file) and img2img=False (no --image, --strength).
+    An option added here works in `batch` too when its effect is in check_options,
+    load_from_options or call_options."""
     if prompt_argument and prompt is None:
         p.add_argument("prompt", nargs="+", help="one or more prompts (quote each one)")
     elif prompt_argument:
@@ -119,6 +121,11 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--height", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
     p.add_argument("--width", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    if img2img:  # read and checked by image_option
+        p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
+                       "the images have its size, a multiple of 8 a side")
+        p.add_argument("--strength", type=float, help="img2img: how much of --image is redrawn, in (0, 1]: the "
+                       "last int(steps * strength) steps run (default: the pipeline's, 0.8 SD, 0.3 SDXL)")
     p.add_argument("--batch-size", type=int, default=1,
                    help=f"images denoised together, 1 to {MAX_BATCH} (default 1; more is faster on a GPU)")
     add_gate_options(p)
@@ -332,7 +339,7 @@ def generate_command(args) -> None:
         raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
                          "(give one for all prompts, or one per prompt)")
     check_options(args)
-    image = image_option(args)
+    init_image = image_option(args)  # img2img's starting image (not `image`: the loop below names its outputs so)
     n_images = len(args.prompt) * args.num_images
     if not 1 <= args.num_images or n_images > MAX_IMAGES:
         raise ValueError(f"--num-images {args.num_images}: from 1 to {MAX_IMAGES // len(args.prompt)} "
@@ -362,8 +369,8 @@ def generate_command(args) -> None:
     sampler, schedule_type = a1111_names(pipe.scheduler)
 
     options = call_options(args, pipe)
-    if image is not None:  # img2img: the image's size; the pipeline's default strength unless given
-        options.update(image=image, height=image.shape[2], width=image.shape[3],
+    if init_image is not None:  # img2img: the image's size; the pipeline's default strength unless given
+        options.update(image=init_image, height=init_image.shape[2], width=init_image.shape[3],
                        **({} if args.strength is None else {"strength": args.strength}))
     height, width, guidance = options["height"], options["width"], options["guidance_scale"]
     # Image i: prompt i // num_images, seed + i, its own generator: any image comes out the same
@@ -400,7 +407,7 @@ def generate_command(args) -> None:
                      height=image.shape[0], dtype=dtype)
             if negatives is not None:
                 p["negative_prompt"] = negatives[i]
-            if image is not None:  # the file's name only, never a local path
+            if init_image is not None:  # the file's name only, never a local path
                 p.update(image=Path(args.image).name, strength=args.strength or pipe.default_strength)
             if args.compare:
                 p["layout"] = "no gate | TGATE | difference"
@@ -603,16 +610,12 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("generate", help="text to image (default model: weights/tiny-shapes, trained on coloured shapes)")
     add_generate_options(p)
-    p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
-                   "the images have its size, a multiple of 8 a side")
-    p.add_argument("--strength", type=float, help="img2img: how much of --image is redrawn, in (0, 1]: the last "
-                   "int(steps * strength) steps run (default: the pipeline's, 0.8 SD, 0.3 SDXL)")
     p.set_defaults(run=generate_command)
 
     p = sub.add_parser("batch", help="a file of prompts to a folder of PNGs, on one process or many (torchrun)")
     p.add_argument("prompts", metavar="PROMPTS",
                    help="a text file, one prompt a line, or a .jsonl file of {\"prompt\", \"negative\", \"seed\", \"id\"}")
-    add_generate_options(p, prompt_argument=False)
+    add_generate_options(p, prompt_argument=False, img2img=False)
     p.add_argument("--threads", type=int,
                    help="CPU threads per process (default 1; the images depend on it, bit for bit: for more "
                         "cores, start more processes with torchrun)")

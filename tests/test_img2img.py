@@ -3,6 +3,7 @@ StableDiffusionXLImg2ImgPipeline on tiny random-weight checkpoints, against the 
 gate inside the run, and on the tiny trained shapes model: the layout of the input survives."""
 
 import json
+import runpy
 import sys
 import warnings
 from pathlib import Path
@@ -285,15 +286,19 @@ def test_gated_img2img_keeps_the_layout(shapes_model):
 
 
 def test_cli_image_and_strength(shapes_model, tmp_path, monkeypatch, capsys):
-    """`generate --image PATH --strength S` saves what the Python API makes from the same file and seed."""
-    from mini_tgate.__main__ import main, si
+    """`examples/sample.py` (generate with a default prompt) `--image PATH --strength S` saves what the
+    Python API makes from the same file and seed."""
+    from mini_tgate.__main__ import si
 
     pipe = shapes_model
     monkeypatch.chdir(tmp_path)
     Image.fromarray(shapes.render("red", "circle", "blue", cx=20, cy=42, r=13)).save("input.png")
     prompt = "a yellow square on a green background"
-    assert main(["generate", prompt, "--image", "input.png", "--strength", "0.5", "--steps", "8", "--seed", "3",
-                 "--out", "out.png"]) == 0
+    monkeypatch.setattr(sys, "argv", ["sample.py", prompt, "--image", "input.png", "--strength", "0.5", "--steps", "8",
+                                      "--seed", "3", "--out", "out.png"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "examples" / "sample.py"), run_name="__main__")
+    assert exit.value.code == 0
     out, err = capsys.readouterr()
     assert "saved out.png" in out and "4/4" in err  # the last int(8 * 0.5) steps ran
     assert f"instead of {si(count_macs(pipe.unet.config, 64, 64, 4, 7.5, None)['denoiser_macs'])}" in out
@@ -325,6 +330,14 @@ def test_cli_img2img_errors_before_loading(args, message, tmp_path, monkeypatch,
     assert rc == 1 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png", "odd.png"]  # nothing written
+
+
+def test_batch_has_no_image_option(capsys):
+    from mini_tgate.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["batch", "prompts.txt", "--out", "out", "--image", "input.png"])
+    assert "unrecognized arguments: --image" in capsys.readouterr().err
 
 
 def test_pixart_has_no_img2img():
