@@ -100,6 +100,8 @@ def read_lora(source, weight_name: str | None = None, local_files_only: bool = F
     id (the file `weight_name` of it, default `pytorch_lora_weights.safetensors`), or a dict of
     tensors already in memory. Pickle files are refused: unpickling runs code."""
     if isinstance(source, dict):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in source.items()):
+            raise TypeError("a LoRA state dict must map names (str) to tensors")
         return LoraFile("the given state dict", dict(source), None)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"a LoRA must be a file, folder or hub repo id (or a dict of tensors), got {type(source).__name__}")
@@ -151,7 +153,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         raise CheckpointError(f"{path}: pickle-based LoRA files are refused because unpickling can execute "
                               "arbitrary code; use the .safetensors version")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: not a file" if path.exists() else f"{path}: no such file")
     if path.stat().st_size > MAX_LORA_BYTES:
         raise CheckpointError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES // 2**30} GiB "
                               "a LoRA may have")
@@ -300,7 +302,7 @@ def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]
             for (model_name, path), group in groups.items()]
 
 
-def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int) -> float:
+def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int, where: str) -> float:
     """alpha as PEFT reads it from diffusers' saved LoraConfig: alpha_pattern's entry for the
     layer (its full name or a dotted suffix of it), else lora_alpha; use_rslora makes the factor
     alpha / sqrt(rank), returned here as the alpha that gives it. No config: alpha = rank."""
@@ -308,9 +310,20 @@ def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int) -> 
         return float(rank)
     get = lambda field, default: metadata.get(f"{model_name}.{field}", default)  # noqa: E731
     if get("use_dora", False):
-        raise CheckpointError("DoRA LoRAs (use_dora) are not supported")
+        raise CheckpointError(f"{where}: DoRA LoRAs (use_dora) are not supported")
     patterns = get("alpha_pattern", {}) or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{where}: alpha_pattern must map layer names to alphas, got a {type(patterns).__name__}")
+    # PEFT reads each pattern as a regular expression matched at a dotted boundary; diffusers
+    # writes plain layer names, matched here as such. A file's regular expression is refused, not
+    # run: one can be made to take exponential time.
+    for p in patterns:
+        if re.search(r"[\\^$*+?{}\[\]|()]", p):
+            raise CheckpointError(f"{where}: alpha_pattern {p!r}: regular expressions are not supported, "
+                                  "only layer names")
     alpha = next((a for p, a in patterns.items() if path == p or path.endswith("." + p)), get("lora_alpha", rank))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{where}: alpha must be a finite number, got {alpha!r}")
     if get("use_rslora", False):
         alpha = alpha * math.sqrt(rank)  # PEFT's rsLoRA factor alpha / sqrt(rank) = (alpha * sqrt(rank)) / rank
     return alpha
@@ -338,13 +351,9 @@ def checked_layer(lora: LoraFile, model_name: str, path: str, weight: torch.Tens
                               f"{min(out, math.prod(kernel))}; this is not a low-rank adapter")
     alpha = group.get("alpha")
     if alpha is None:
-        alpha = peft_alpha(lora.metadata, model_name, path, rank)
-    else:
-        if alpha.numel() != 1:
-            raise CheckpointError(f"{where}: alpha must be one number, got shape {tuple(alpha.shape)}")
-        alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise CheckpointError(f"{where}: alpha must be a finite number, got {alpha!r}")
+        alpha = peft_alpha(lora.metadata, model_name, path, rank, where)
+    elif alpha.numel() != 1 or not math.isfinite(alpha := alpha.item()):
+        raise CheckpointError(f"{where}: alpha must be one finite number, got {alpha!r}")
     return LoraLayer(model_name, path, down, up, float(alpha))
 
 

@@ -4,6 +4,7 @@ the wild; unload against a fresh load of the same checkpoint, bit for bit; bad f
 errors they must raise."""
 
 import json
+import os
 import threading
 import warnings
 
@@ -447,7 +448,7 @@ BAD = {"unknown layer": "2 keys match no layer.*down_blocks.7.attentions.0.proj_
        "shape": r"do not fit the layer's weight \(32, 32, 1, 1\)",
        "nan": "contains NaN or inf",
        "integer": "not floating point",
-       "alpha": "alpha must be one number",
+       "alpha": "alpha must be one finite number",
        "twice": "down weight twice",
        "other pipeline": "text_encoder_2, which this pipeline does not have"}
 
@@ -479,6 +480,17 @@ def test_bad_sources_and_scales(sd, tmp_path):
         sd.load_lora_weights(tmp_path)
     with pytest.raises(ValueError, match="weight_name must be a file name inside"):
         sd.load_lora_weights(tmp_path, weight_name="../a.safetensors")
+    os.mkfifo(tmp_path / "fifo.safetensors")  # never opened: reading it would hang
+    with pytest.raises(CheckpointError, match="fifo.safetensors: not a file"):
+        sd.load_lora_weights(tmp_path, weight_name="fifo.safetensors")
+    with pytest.raises(TypeError, match="must map names"):
+        sd.load_lora_weights({"unet.conv_in.lora_A.weight": [[0.0]]})
+    for metadata, message in (({"unet.alpha_pattern": {"proj_.*": 2}}, "regular expressions are not supported"),
+                              ({"unet.use_dora": True}, "DoRA LoRAs"),
+                              ({"unet.lora_alpha": "8"}, "alpha must be a finite number")):
+        save(tmp_path, lora_for(sd), "m.safetensors", metadata={"lora_adapter_metadata": json.dumps(metadata)})
+        with pytest.raises(CheckpointError, match=message):
+            sd.load_lora_weights(tmp_path, weight_name="m.safetensors")
     with pytest.raises(CheckpointError, match="not in the local hub cache"):
         sd.load_lora_weights("no-such-org/no-such-lora", weight_name="x.safetensors", local_files_only=True)
 
@@ -579,3 +591,42 @@ def test_sdxl_kohya_names_at_real_scale_as_diffusers_reads_them():
         converted, _ = _convert_non_diffusers_lora_to_diffusers(_maybe_map_sgm_blocks_to_diffusers(halves, unet.config))
         peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
         assert {k.rsplit(".lora_", 1)[0] for k in peft} == {path}, flat
+
+
+def test_pixart_transformer_lora_as_peft_merges_it(tmp_path, one_thread):
+    """PixArt pipelines take `transformer.` LoRAs. diffusers has no LoRA loader for PixArt: the
+    reference is PEFT itself, injected into diffusers' transformer, loaded and merged."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    from mini_tgate import lora
+    from mini_tgate.pixart import PixArtTransformer2DModel
+    from test_pixart import inputs, make_reference
+
+    ref = make_reference("alpha")
+    ref.save_pretrained(tmp_path / "transformer")
+    ours = PixArtTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer")
+    g, weights = torch.Generator().manual_seed(16), {}
+    for name, w in layers(ref, ["attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "proj_out",
+                                "caption_projection.linear_1", "adaln_single.linear", "pos_embed.proj"]):
+        weights[f"{name}.lora_A.weight"], weights[f"{name}.lora_B.weight"] = pair(w, 2, g, scale=0.2)
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in weights})
+    x, text, t, kw = inputs("alpha", 2, 8, 8, seed=0)
+    with torch.no_grad():
+        before = ref(x, text, t, **kw).sample
+        ref = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=5, target_modules=targets), ref)
+        set_peft_model_state_dict(ref, weights)
+        for module in ref.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        expected = ref(x, text, t, **kw).sample
+    path = save(tmp_path, {"transformer." + k: v for k, v in weights.items()},
+                metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 5})})
+    pipe = SimpleNamespace(transformer=ours)
+    lora.fuse(pipe, lora.read_lora(path))
+    with torch.no_grad():
+        got = ours(x, text, t, **kw)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (got - before).abs().max() > 0.01 * before.abs().max()
