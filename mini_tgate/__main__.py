@@ -558,7 +558,8 @@ def info_command(args) -> None:
 
 
 def macs_command(args) -> None:
-    result = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, gate_from(args))
+    result = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, gate_from(args),
+                        deepcache=deepcache_from(args))
     if args.json:
         print(json.dumps(result))
         return
@@ -635,6 +636,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     add_gate_options(p, defaults=None)
+    add_deepcache_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=macs_command)
 

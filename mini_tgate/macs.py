@@ -26,7 +26,7 @@ from .attention import Attention
 from .checkpoint import read_json
 from .config import PixArtTransformerConfig, UNetConfig
 from .pixart import PixArtTransformer2DModel
-from .tgate import REUSE, TGate, plan
+from .tgate import REUSE, DeepCache, TGate, plan
 from .unet import UNet2DConditionModel
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -63,8 +63,9 @@ def denoiser_config(arch: str | dict | UNetConfig | PixArtTransformerConfig):
 
 def count_macs(arch="sd15", height: int | None = None, width: int | None = None, steps: int = 25,
                guidance_scale: float = 7.5, tgate: TGate | None = None, batch_size: int = 1,
-               text_len: int | None = None) -> dict:
+               text_len: int | None = None, deepcache: DeepCache | None = None) -> dict:
     """MACs of the denoiser over one generation of `batch_size` images (see the module docstring).
+    With `deepcache` (UNets only) the shallow steps count what they run: the shallow branch.
     `text_len`: tokens of text per prompt; default 77 (CLIP) for a UNet, and for PixArt the
     pipelines' max_sequence_length: 120 for Alpha (micro-conditions on), 300 for Sigma."""
     def is_int(x):
@@ -81,8 +82,12 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
         raise ValueError(f"text_len must be an integer from 1 to 4096, got {text_len!r}")
     if tgate is not None and not isinstance(tgate, TGate):
         raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
+    if deepcache is not None and not isinstance(deepcache, DeepCache):
+        raise TypeError(f"deepcache must be a mini_tgate.DeepCache or None, got {type(deepcache).__name__}")
     cfg = denoiser_config(arch)
     pixart = isinstance(cfg, PixArtTransformerConfig)
+    if pixart and deepcache is not None:
+        raise ValueError("DeepCache splits a UNet; a PixArt transformer has no shallow branch")
     if text_len is None:
         text_len = (120 if cfg.additional_conditions else 300) if pixart else 77
     height = cfg.sample_size * 8 if height is None else height
@@ -96,6 +101,8 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
     use_cfg = guidance_scale > 1 and (pixart or cfg.time_cond_proj_dim is None)
     with torch.device("meta"):
         unet = (PixArtTransformer2DModel if pixart else UNet2DConditionModel)(cfg)
+    if deepcache is not None:
+        unet.deep_split(deepcache.branch)  # a branch this UNet has, or a ValueError
 
     counts = {"linear_conv": 0, "attention": 0}
 
@@ -137,10 +144,11 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
         unet(latents, torch.empty(b), torch.empty(b, text_len, cfg.per_block(cfg.cross_attention_dim)[0]), **kw)
         return {k: counts[k] - before[k] for k in counts}
 
-    # Steps with the same gate cost the same: each distinct one is run once (meta device), in order.
+    # Steps with the same plan cost the same: each distinct one is run once (meta device), in order
+    # (so a shallow step's kept feature and a reused attention's cache exist when they are read).
     per_plan, per_step = {}, []
     with torch.device("meta"):
-        for step in plan(tgate, steps, use_cfg):
+        for step in plan(tgate, steps, use_cfg, deepcache):
             if step not in per_plan:
                 per_plan[step] = run(step)
             per_step.append(per_plan[step])
@@ -148,7 +156,8 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
     result = {"denoiser": type(unet).__name__, "denoiser_macs": total["linear_conv"],
               "denoiser_macs_with_attention": total["linear_conv"] + total["attention"],
               "per_step": [s["linear_conv"] for s in per_step], "height": height, "width": width,
-              "steps": steps, "text_len": text_len, "cfg": use_cfg, "tgate": None if tgate is None else vars(tgate)}
+              "steps": steps, "text_len": text_len, "cfg": use_cfg, "tgate": None if tgate is None else vars(tgate),
+              "deepcache": None if deepcache is None else vars(deepcache)}
     if not pixart:  # the names of the UNet-only first version, kept
         result.update(unet_macs=result["denoiser_macs"], unet_macs_with_attention=result["denoiser_macs_with_attention"])
     return result

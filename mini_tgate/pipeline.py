@@ -37,7 +37,7 @@ from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel, preprocess_prompt
 from .text_encoder import CLIPTextModel
 from .image import read_image
-from .tgate import TGate, plan
+from .tgate import DeepCache, TGate, plan
 from .tokenizer import CLIPTokenizer, T5Tokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -270,7 +270,7 @@ class DiffusionPipeline:
 
     def check_inputs(self, prompts, negatives, steps, guidance_scale, height, width, num_images_per_prompt,
                      output_type, generator=None, latents=None, guidance_rescale=0.0, eta=0.0, batch=None,
-                     tgate=None, clip_skip=None, callback=None, callback_inputs=()):
+                     tgate=None, clip_skip=None, callback=None, callback_inputs=(), deepcache=None):
         """Every argument checked before anything is encoded or allocated."""
         f = self.vae_scale_factor
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (height, width)) \
@@ -310,6 +310,13 @@ class DiffusionPipeline:
                             f"got {type(latents).__name__}")
         if tgate is not None and not isinstance(tgate, TGate):
             raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
+        if deepcache is not None and not isinstance(deepcache, DeepCache):
+            raise TypeError(f"deepcache must be a mini_tgate.DeepCache or None, got {type(deepcache).__name__}")
+        if deepcache is not None and not hasattr(self.denoiser, "deep_split"):
+            raise ValueError(f"DeepCache splits a UNet; the {type(self.denoiser).__name__} of "
+                             f"{type(self).__name__} has no shallow branch")
+        if deepcache is not None:
+            self.denoiser.deep_split(deepcache.branch)  # a branch this UNet has, or a ValueError
         if clip_skip is not None:
             if not isinstance(self.text_encoder, CLIPTextModel):
                 raise ValueError(f"clip_skip applies to CLIP text encoders; {type(self).__name__} has none")
@@ -328,6 +335,7 @@ class DiffusionPipeline:
                  num_inference_steps: int = 25, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None,
                  latents: torch.Tensor | None = None, tgate: TGate | None = None, output_type: str = "np",
+                 deepcache: DeepCache | None = None,
                  guidance_rescale: float = 0.0, eta: float = 0.0, progress: bool | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  clip_skip: int | None = None, timesteps: list | None = None, sigmas: list | None = None,
@@ -370,7 +378,7 @@ class DiffusionPipeline:
         callback_inputs = list(callback_on_step_end_tensor_inputs or ())
         self.check_inputs(prompts, negatives, num_inference_steps, guidance_scale, height, width, n, output_type,
                           generator, latents, guidance_rescale, eta, batch, tgate, clip_skip, callback_on_step_end,
-                          callback_inputs)
+                          callback_inputs, deepcache)
         self.check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
         if image is not None and pixels.shape[0] not in (1, batch):
             raise ValueError(f"{pixels.shape[0]} images for {batch} outputs (prompts x num_images_per_prompt); "
@@ -423,11 +431,12 @@ class DiffusionPipeline:
                     latents = randn_tensor(shape, generator, device, dtype)
                 latents = latents.to(device, dtype) * scheduler.init_noise_sigma
 
-            # 3. Denoising: each step's attention behaviour and batch come from the TGATE plan.
+            # 3. Denoising: each step's attention behaviour, batch and (DeepCache) UNet part come from the plan.
             start = time.perf_counter()
+            steps = plan(tgate, len(scheduler.timesteps) - scheduler.begin_index, cfg, deepcache)
             with on_device([denoiser], offload):
                 latents, report = self.denoise(
-                    denoiser, scheduler, latents, cond, uncond, plan(tgate, len(scheduler.timesteps) - scheduler.begin_index, cfg),
+                    denoiser, scheduler, latents, cond, uncond, steps,
                     guidance_scale, guidance_rescale, eta, generator, bar_config, callback_on_step_end,
                     callback_inputs)
             timings["denoise"] = time.perf_counter() - start
@@ -524,7 +533,7 @@ class DiffusionPipeline:
                     raise FloatingPointError(f"the {type(scheduler).__name__} step {i} produced NaN or inf"
                                              + (f" (eta={eta})" if extra else "") + half_hint(dtype))
                 report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
-                               "self_attn": step.self_attn, "batch": x.shape[0]})
+                               "self_attn": step.self_attn, "batch": x.shape[0], "deep": step.deep})
                 if bar is not None:
                     bar.update()
                 if callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours

@@ -22,7 +22,7 @@ from torch import nn
 from .attention import Attention
 from .checkpoint import PretrainedMixin
 from .config import UNetConfig
-from .tgate import COMPUTE, StepPlan
+from .tgate import CACHE, COMPUTE, REUSE, StepPlan
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -190,14 +190,15 @@ class DownBlock(UNetBlock):
         super().__init__([in_ch] + [out_ch] * (layers - 1), out_ch, temb_dim, cfg, attn, transformer_layers)
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if downsample else None
 
-    def forward(self, h, temb, context):
+    def forward(self, h, temb, context, stop: int | None = None):
+        """stop: run only the first `stop` layers, no downsampler (a DeepCache shallow step)."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb)
+        for i in range(len(self.resnets) if stop is None else stop):
+            h = self.resnets[i](h, temb)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
             skips.append(h)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and stop is None:
             h = self.downsamplers[0](h)
             skips.append(h)
         return h, skips
@@ -209,12 +210,14 @@ class UpBlock(UNetBlock):
         super().__init__(in_chs, out_ch, temb_dim, cfg, attn, transformer_layers)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, h, skips, temb, context, upsample_size):
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+    def forward(self, h, skips, temb, context, upsample_size, first: int = 0, stop: int | None = None):
+        """Layers first..stop-1 (DeepCache splits a block in two), the upsampler after the last one."""
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(first, stop):
+            h = self.resnets[i](torch.cat([h, skips.pop()], dim=1), temb)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             h = self.upsamplers[0](h, upsample_size)
         return h
 
@@ -284,6 +287,8 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
+        # DeepCache's state, set per step by set_gate (see forward)
+        self.deep, self.branch, self.deep_feature = COMPUTE, None, None
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,31 +310,77 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
 
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
+        # DeepCache (set_gate) splits the UNet at down block `block`, layer `layer`: the deep part is
+        # the down path from there on, the mid block, and the up path back to the same layer of up
+        # block `block`, where the feature it hands on is taken. A shallow step (deep == REUSE)
+        # skips the deep part and takes that feature as the last full step kept it.
+        block, layer = self.deep_split(self.branch) if self.branch is not None else (None, None)
+        shallow = self.deep == REUSE
         h = self.conv_in(sample)
         skips = [h]
-        for block in self.down_blocks:
-            h, s = block(h, emb, encoder_hidden_states)
+        for i, down in enumerate(self.down_blocks):
+            if shallow and i == block:  # the block's first `layer` layers, whose outputs are skips
+                skips += down(h, emb, encoder_hidden_states, stop=layer)[1]
+                break
+            h, s = down(h, emb, encoder_hidden_states)
             skips += s
-        if self.mid_block is not None:
+        if self.mid_block is not None and not shallow:
             h = self.mid_block(h, emb, encoder_hidden_states)
-        for block in self.up_blocks:
-            n_skips = len(block.resnets)
+        for i, up in enumerate(self.up_blocks):
+            level, first = len(self.up_blocks) - 1 - i, 0  # level: the down block whose skips it takes
+            if shallow and level > block:
+                continue
+            if level == block:
+                first = len(up.resnets) - 1 - layer  # its layers before `first` are deep
+                if shallow:
+                    h = self.deep_feature
+                else:
+                    h = up(h, skips, emb, encoder_hidden_states, None, stop=first)
+                    if self.deep == CACHE:
+                        self.deep_feature = h
+            n_skips = len(up.resnets) - first
             block_skips, skips = skips[-n_skips:], skips[:-n_skips]
             size = skips[-1].shape[2:] if skips else None  # upsample to the next skip's size
-            h = block(h, block_skips, emb, encoder_hidden_states, size)
+            h = up(h, block_skips, emb, encoder_hidden_states, size, first=first)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
-    # ----------------------------------------------------------------------------- TGATE
+    # ----------------------------------------------------------------------------- TGATE, DeepCache
 
     def attention_modules(self):
         return [m for m in self.modules() if isinstance(m, Attention)]
 
+    def deep_split(self, branch: int) -> tuple[int, int]:
+        """DeepCache's branch as (block, layer): the deep part begins at layer `layer` of down block
+        `block` (0 is the outermost). A layer past the block's last (DeepCache numbers up to 3 in
+        every block) splits where the last one would: DeepCache computes the same image there."""
+        n = len(self.down_blocks)
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < 3 * n:
+            raise ValueError(f"DeepCache branch must be an integer from 0 to {3 * n - 1} for this UNet "
+                             f"({n} blocks, 3 branches each), got {branch!r}")
+        block = branch // 3
+        return block, min(branch % 3, len(self.down_blocks[block].resnets))
+
+    def deep_attention_modules(self, branch: int) -> list[Attention]:
+        """The attention modules in the deep part for this branch: all but the shallow branch's."""
+        block, layer = self.deep_split(branch)
+        up = self.up_blocks[len(self.up_blocks) - 1 - block]
+        shallow = [*self.down_blocks[:block], *self.up_blocks[len(self.up_blocks) - block:]]
+        for blk, layers in ((self.down_blocks[block], slice(None, layer)),
+                            (up, slice(len(up.resnets) - 1 - layer, None))):
+            shallow += blk.attentions[layers] if blk.attentions is not None else []
+        shallow_ids = {id(m) for part in shallow for m in part.modules()}
+        return [m for m in self.attention_modules() if id(m) not in shallow_ids]
+
     def set_gate(self, step: StepPlan) -> None:
-        """Tell every attention layer what to do at this step (tgate.plan gives the steps)."""
+        """Tell every attention layer what to do at this step (tgate.plan gives the steps), and,
+        with DeepCache, whether the deep part runs (its attention layers follow deep_self_attn)."""
+        self.deep, self.branch = step.deep, step.branch
+        deep = {id(m) for m in self.deep_attention_modules(step.branch)} if step.branch is not None else set()
         for m in self.attention_modules():
-            m.gate = step.cross_attn if m.is_cross else step.self_attn
+            m.gate = step.cross_attn if m.is_cross else step.deep_self_attn if id(m) in deep else step.self_attn
 
     def clear_gate(self) -> None:
         """Back to plain computation, caches freed: called when a generation ends."""
+        self.deep, self.branch, self.deep_feature = COMPUTE, None, None
         for m in self.attention_modules():
             m.gate, m.cache = COMPUTE, None
