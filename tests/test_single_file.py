@@ -316,6 +316,7 @@ def test_presets_refuse_a_file_of_other_sizes(tiny):
         single_file.load_single_file(path)
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_a_config_that_does_not_fit_names_the_part_and_keys(tiny, tmp_path):
     kind, folder, path = tiny
     shutil.copytree(folder, tmp_path / "config")
@@ -334,6 +335,7 @@ def test_file_size_bound(tmp_path):
         single_file.load_single_file(path)
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_unknown_keys_are_named(tiny, tmp_path):
     kind, folder, path = tiny
     from safetensors.torch import load_file
@@ -346,6 +348,7 @@ def test_unknown_keys_are_named(tiny, tmp_path):
         single_file.load_single_file(bad, config=folder)
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_missing_tensor_is_named(tiny, tmp_path):
     kind, folder, path = tiny
     from safetensors.torch import load_file
@@ -389,12 +392,14 @@ def test_not_a_stable_diffusion_file(tmp_path):
         single_file.load_single_file(path)
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_bad_prediction_type(tiny):
     kind, folder, path = tiny
     with pytest.raises(ValueError, match="prediction_type='v'"):
         single_file.load_single_file(path, config=folder, prediction_type="v")
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_prediction_type_argument_wins(tiny):
     kind, folder, path = tiny
     pipe = single_file.load_single_file(path, config=folder, prediction_type="v_prediction")
@@ -437,12 +442,14 @@ def test_load_pipeline_single_file_errors(tmp_path):
         mini_tgate.load_pipeline(tiny_models.save_sd(tmp_path / "folder"), prediction_type="epsilon")
 
 
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_variant_is_refused_for_a_single_file(tiny):
     kind, folder, path = tiny
     with pytest.raises(ValueError, match="variant and revision are for diffusers folders"):
         mini_tgate.load_pipeline(path, variant="fp16")
 
 
+@pytest.mark.parametrize("tiny", ["sd2"], indirect=True)  # one kind is enough for the command line
 def test_cli_generates_from_a_single_file(tiny, presets_of, tmp_path, capsys):
     import hashlib
 
@@ -450,8 +457,6 @@ def test_cli_generates_from_a_single_file(tiny, presets_of, tmp_path, capsys):
     from mini_tgate.png import read_png_text
 
     kind, folder, path = tiny
-    if kind != "sd2":
-        pytest.skip("one kind is enough for the command line")
     presets_of(folder)
     rc = main(["generate", "a cat", "--model", str(path), "--steps", "2", "--height", "64", "--width", "64",
                "--prediction-type", "v_prediction", "--out", str(tmp_path / "cat.png"), "--device", "cpu"])
