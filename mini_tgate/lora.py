@@ -14,7 +14,7 @@ the originals back, bit for bit. The delta is computed in float32 and cast to th
 The formats met in the wild, all resolved here to (model, module path, down, up, alpha):
 
 - diffusers / PEFT: `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), likewise
-  under `text_encoder.` and `text_encoder_2.`; alpha comes from the LoraConfig diffusers writes
+  under `text_encoder.`, `text_encoder_2.` and (PixArt) `transformer.`; alpha comes from the LoraConfig diffusers writes
   into the file's metadata (`lora_adapter_metadata`: `unet.lora_alpha`, `unet.alpha_pattern`),
   and is the rank (a factor of 1) when there is none.
 - diffusers before PEFT: `<module>.lora.down.weight` / `.lora.up.weight`, text encoders'
@@ -26,6 +26,9 @@ The formats met in the wild, all resolved here to (model, module path, down, up,
   `lora_te1_` / `lora_te2_` for its two. kohya trains SD 1.x on diffusers' UNet, so those names
   are diffusers' paths; it trains SDXL on the original (LDM/sgm) UNet, whose paths
   (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`) ldm_unet_name derives from ours.
+
+Several LoRAs add up, each with its own scale; `pipe.lora_adapters` lists them (name -> (source,
+scale)) and `pipe.lora_originals` holds the saved weights, both kept by fuse / unfuse_all.
 
 Every name is resolved against `dict(model.named_modules())`, the model's own truth (its module
 names equal diffusers' and transformers'). A key that resolves to nothing is an error that names
@@ -142,7 +145,8 @@ def download(repo_id: str, weight_name: str, local_files_only: bool, cache_dir, 
                               f"downloaded ({e})") from e
     except Exception as e:
         if is_network_error(e) or isinstance(e, (HfHubHTTPError, OSError, ValueError)):
-            raise CheckpointError(f"{repo_id}: {weight_name} could not be fetched from the hub: {e}") from e
+            raise CheckpointError(f"{repo_id}: {weight_name} could not be fetched from the hub (weight_name= "
+                                  f"names another file of the repo): {e}") from e
         raise
 
 

@@ -355,20 +355,39 @@ def lcm_reference(folder, path):
     return ref
 
 
-def test_lcm_lora_sd_four_steps(folders, bases, sd, tmp_path):
+@pytest.mark.parametrize("gate", [None, (1, 1, 1, 0), (2, 1, 1, 0)])
+def test_lcm_lora_sd_four_steps(folders, bases, sd, tmp_path, gate):
+    """SD + LCM-LoRA, 4 steps, guidance 1 (no CFG), with and without TGATE. tgate's SD loader
+    cannot run without CFG (it splits a batch that was never doubled), so the gated reference
+    is diffusers' pipeline with tgate's own attention processor registered before each step, as
+    tgate's SDXL loader does for LCM (keep_shape: nothing averaged)."""
+    from tgate.tgate_utils import register_forward, tgate_scheduler
+
     path = save(tmp_path, lcm_lora(bases["sd"][0], seed=12))
     ref = lcm_reference(folders["sd"], path)
-    kw = dict(num_inference_steps=4, guidance_scale=1.0, latents=noise())
-    expected = ref(PROMPT, output_type="np", generator=torch.Generator().manual_seed(1), **kw).images
+
+    def gate_at(i):  # what tgate's loaders do before step i
+        if gate is not None and i < STEPS:
+            ca, sa, _ = tgate_scheduler(cur_step=i, **dict(zip(["gate_step", "sp_interval", "fi_interval",
+                                                               "warm_up"], gate)))
+            register_forward(ref.unet, "Attention", ca_kward=ca, sa_kward=sa, keep_shape=True)
+        return {}
+
+    gate_at(0)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=1.0, latents=noise())
+    expected = ref(PROMPT, output_type="np", generator=torch.Generator().manual_seed(1), **kw,
+                   callback_on_step_end=lambda pipe, i, t, tensors: gate_at(i + 1)).images
     sd.load_lora_weights(path)
     scheduler = sd.scheduler
     sd.scheduler = mini_tgate.LCMScheduler.from_config(scheduler.config)
-    try:
-        out = sd(PROMPT, generator=torch.Generator().manual_seed(1), **kw)  # LCM re-noises with it
+    try:  # LCM re-noises with the generator
+        out = sd(PROMPT, generator=torch.Generator().manual_seed(1), tgate=gate and mini_tgate.TGate(*gate), **kw)
     finally:
         sd.scheduler = scheduler
     assert max_diff(expected, out.images) <= 1e-3
     assert {s["batch"] for s in out.steps} == {1}  # guidance 1: no CFG
+    if gate:
+        assert [s["cross_attn"] for s in out.steps][gate[0]:] == ["reuse"] * (STEPS - gate[0])
 
 
 @pytest.fixture(scope="module")
