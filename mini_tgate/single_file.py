@@ -262,7 +262,8 @@ def openclip_names(key: str) -> list[tuple[str, str]] | None:
     `text_projection` is applied as x @ P, a Linear weight is P transposed."""
     fixed = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
              "positional_embedding": "text_model.embeddings.position_embedding.weight",
-             "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias"}
+             "ln_final.weight": "text_model.final_layer_norm.weight",
+             "ln_final.bias": "text_model.final_layer_norm.bias"}
     if key in fixed:
         return [(fixed[key], "")]
     if key == "text_projection":
@@ -399,8 +400,8 @@ def preset_configs(kind: str, prediction_type: str) -> dict:
     if kind == "sd2" and prediction_type == "epsilon":
         unet["sample_size"] = 64  # the 512 px SD-2 base models
     size = unet["sample_size"] * 8
-    configs = {"unet": unet, "vae": dict(sample_size=size, scaling_factor=scaling), "scheduler": dict(scheduler, prediction_type=prediction_type),
-               "force_zeros_for_empty_prompt": True}
+    configs = {"unet": unet, "vae": dict(sample_size=size, scaling_factor=scaling),
+               "scheduler": dict(scheduler, prediction_type=prediction_type), "force_zeros_for_empty_prompt": True}
     for name, encoder in zip(["text_encoder", "text_encoder_2"], encoders):
         configs[name] = dict(encoder)
     return configs
@@ -445,8 +446,9 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
         configs["scheduler"]["prediction_type"] = prediction_type
     unet_config = UNetConfig.from_dict(configs["unet"])
     if unet_layers_per_block(shapes) != unet_config.layers_per_block:
+        source = "config=" if folder else f"the {kind} preset"
         raise CheckpointError(f"{path}: its UNet has {unet_layers_per_block(shapes)} layers per block, the unet "
-                              f"config {unet_config.layers_per_block} ({'config=' if folder else 'the ' + kind + ' preset'})")
+                              f"config {unet_config.layers_per_block} ({source})")
     table = rename_table(shapes, kind)
 
     states: dict[str, dict] = {}
@@ -470,8 +472,9 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     scheduler = scheduler_from_config(configs["scheduler"])
     if cls is StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(
-            unet=unet, vae=vae, text_encoder=encoders["text_encoder"], tokenizer=tokenizer(folder, "tokenizer", "<|endoftext|>"),
-            scheduler=scheduler, text_encoder_2=encoders["text_encoder_2"], tokenizer_2=tokenizer(folder, "tokenizer_2", "!"),
+            unet=unet, vae=vae, text_encoder=encoders["text_encoder"],
+            tokenizer=tokenizer(folder, "tokenizer", "<|endoftext|>"), scheduler=scheduler,
+            text_encoder_2=encoders["text_encoder_2"], tokenizer_2=tokenizer(folder, "tokenizer_2", "!"),
             force_zeros_for_empty_prompt=configs["force_zeros_for_empty_prompt"])
     else:
         pad = "!" if kind == "sd2" else "<|endoftext|>"  # SD-2's tokenizer pads with "!", as OpenCLIP's
