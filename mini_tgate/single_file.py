@@ -436,6 +436,10 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     path = Path(path).expanduser()
     shapes = read_shapes(path)
     kind = detect_kind(shapes)
+    channels = shapes.get(f"{UNET}input_blocks.0.0.weight", (0, 4))[1]
+    if channels != 4:  # the latents (4) plus a masked image and mask (9) or an input image (8)
+        raise CheckpointError(f"{path}: its UNet takes {channels} input channels (an inpainting or instruct-pix2pix "
+                              "model); only text-to-image models (4 channels) are supported")
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     if pipeline_class is not None and cls is not pipeline_class:
         raise CheckpointError(f"{path}: a {cls.__name__} checkpoint ({kind}), not a {pipeline_class.__name__} one; "

@@ -349,6 +349,19 @@ def test_unknown_keys_are_named(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+def test_inpainting_models_are_refused(tiny, tmp_path):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    conv_in = state["model.diffusion_model.input_blocks.0.0.weight"]
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat([conv_in, conv_in, conv_in[:, :1]], dim=1)
+    bad = tmp_path / "inpainting.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match="its UNet takes 9 input channels .an inpainting"):
+        single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
 def test_missing_tensor_is_named(tiny, tmp_path):
     kind, folder, path = tiny
     from safetensors.torch import load_file
@@ -389,6 +402,13 @@ def test_not_a_stable_diffusion_file(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"transformer.blocks.0.weight": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint in the LDM layout"):
+        single_file.load_single_file(path)
+    parts = {"model.diffusion_model.out.2.bias": torch.zeros(4), "first_stage_model.quant_conv.bias": torch.zeros(8)}
+    save_file({**parts, "conditioner.embedders.0.model.text_projection": torch.zeros(2, 2)}, path)
+    with pytest.raises(CheckpointError, match="an SDXL refiner checkpoint"):
+        single_file.load_single_file(path)
+    save_file({**parts, "cond_stage_model.mystery.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="without a known text encoder"):
         single_file.load_single_file(path)
 
 
