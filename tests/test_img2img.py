@@ -2,6 +2,7 @@
 StableDiffusionXLImg2ImgPipeline on tiny random-weight checkpoints, against the `tgate` package with a
 gate inside the run, and on the tiny trained shapes model: the layout of the input survives."""
 
+import copy
 import json
 import runpy
 import sys
@@ -12,6 +13,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from DeepCache import DeepCacheSDHelper
 from PIL import Image
 from tgate import TgateSDLoader
 
@@ -19,6 +21,7 @@ import mini_tgate
 from mini_tgate import count_macs
 from mini_tgate.pipeline import load_pipeline
 from mini_tgate.png import read_png_text, to_uint8
+from mini_tgate.tgate import REUSE, DeepCache
 from tiny_models import save_sd, save_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,8 +163,8 @@ def test_gated_img2img_matches_the_tgate_package(pipes, gate):
     timesteps, run = ref.get_timesteps(steps, strength, "cpu")
     pixels = ref.image_processor.preprocess(picture())
     latents = ref.prepare_latents(pixels, timesteps[:1], 1, 1, torch.float32, "cpu", g)
-    t2i = diffusers.StableDiffusionPipeline(**{k: v for k, v in ref.components.items() if k != "image_encoder"},
-                                            requires_safety_checker=False)
+    components = copy.deepcopy({k: v for k, v in ref.components.items() if k != "image_encoder"})  # tgate patches them
+    t2i = diffusers.StableDiffusionPipeline(**components, requires_safety_checker=False)
     t2i.set_progress_bar_config(disable=True)
     t2i.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
     t2i.scheduler.set_timesteps(timesteps=timesteps.tolist())
@@ -173,6 +176,25 @@ def test_gated_img2img_matches_the_tgate_package(pipes, gate):
     assert run == 6 and len(out.steps) == 6
     assert [s["batch"] for s in out.steps] == [2 if i < gate[0] else 1 for i in range(6)]
     assert max_diff(expected, out.images) <= 1e-3
+
+
+@pytest.mark.parametrize("pipes", ["sd"], indirect=True)  # DeepCache is code SD and SDXL share (test_deepcache.py)
+def test_deepcache_img2img_matches_the_deepcache_helper(pipes):
+    """DeepCache's helper counts the UNet calls of the run: its full steps are every interval-th step
+    run, as the plan made over the steps run has them (12 steps at strength 0.7 run the last 8: full at
+    their 0, 3 and 6, not at the 6 and 9 of all 12)."""
+    name, base, ours = pipes
+    use_scheduler(base, ours, "DPMSolverMultistepScheduler")
+    ref = copy.deepcopy(base)  # the helper patches forwards in place
+    helper = DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    kw = dict(prompt=PROMPT, image=picture(), strength=0.7, num_inference_steps=12)
+    expected, _ = both(ref, ours, **kw)
+    out = ours(generator=torch.Generator().manual_seed(1), deepcache=DeepCache(3, 0), **kw)
+    assert max_diff(expected, out.images) <= 1e-3
+    assert [i for i, s in enumerate(out.steps) if s["deep"] != REUSE] == [0, 3, 6]
+    assert max_diff(out.images, ours(generator=torch.Generator().manual_seed(1), **kw).images) > 1e-2  # not plain
 
 
 def test_scheduler_add_noise_matches_diffusers():
