@@ -354,6 +354,20 @@ def test_cli_img2img_errors_before_loading(args, message, tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png", "odd.png"]  # nothing written
 
 
+def test_cli_image_without_pillow(tmp_path, monkeypatch, capsys):
+    from mini_tgate.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64)).save("input.png")
+    for name in [m for m in sys.modules if m == "PIL" or m.startswith("PIL.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `import PIL` now raises ImportError
+    assert main(["generate", "a cat", "--image", "input.png", "--model", "no/such/folder/here"]) == 1
+    out, err = capsys.readouterr()
+    assert err == ("error: reading the image file input.png needs Pillow (pip install pillow); or pass the image "
+                   "as a numpy array or torch tensor\n")
+
+
 def test_batch_has_no_image_option(capsys):
     from mini_tgate.__main__ import main
 
