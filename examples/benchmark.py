@@ -1,5 +1,6 @@
-"""Benchmark: mini_tgate vs diffusers vs diffusers + the `tgate` package, on the same random-weight
-model, device, steps and initial noise. Prints a markdown table.
+"""Benchmark: mini_tgate vs diffusers, diffusers + the `tgate` package, + the `DeepCache` package's
+helper and + tgate's DeepCache loader, on the same random-weight model, device, steps and initial
+noise; each mini_tgate row beside the reference row it reproduces. Prints a markdown table.
 
     python examples/benchmark.py                          # SD-1.5 topology, narrow, 256 px, CPU
     python examples/benchmark.py --model sd15 --size 256  # the full SD-1.5 architecture
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import mini_tgate  # noqa: E402
 from mini_tgate.macs import count_macs  # noqa: E402
+from mini_tgate.tgate import DeepCache  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -179,12 +181,14 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--gate", default="10,5,1,2", help="gate_step,sp_interval,fi_interval,warm_up")
+    p.add_argument("--deepcache", default="3,0", help="interval,branch (default: tgate's DeepCache loaders')")
     p.add_argument("--compile", action="store_true", help="also time mini_tgate with pipe.compile()")
     p.add_argument("--cache", default=None, help="folder to keep the generated checkpoint in")
     args = p.parse_args()
 
     import diffusers
-    from tgate import TgateSDLoader
+    from DeepCache import DeepCacheSDHelper
+    from tgate import TgateSDDeepCacheLoader, TgateSDLoader
 
     folder = Path(args.cache or tempfile.mkdtemp()) / f"bench-{args.model}"
     build_checkpoint(folder, args.model)
@@ -192,46 +196,63 @@ def main():
     gate = mini_tgate.TGate(*map(int, args.gate.split(",")))
     gate_kw = dict(gate_step=gate.gate_step, sp_interval=gate.sp_interval, fi_interval=gate.fi_interval,
                    warm_up=gate.warm_up)
+    dc = DeepCache(*map(int, args.deepcache.split(",")))
+
+    def reference(loader=None, **loader_kw):  # a diffusers pipeline of its own: the loaders patch it in place
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe if loader is None else loader(pipe, **loader_kw)
 
     ours = mini_tgate.load_pipeline(folder, device=args.device, dtype=dtype)
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(args.device)
-    ref.set_progress_bar_config(disable=True)
-    ref_tgate = TgateSDLoader(diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
-                              .to(args.device))
-    ref_tgate.set_progress_bar_config(disable=True)
+    ref, ref_tgate = reference(), reference(TgateSDLoader)
+    ref_dc = reference()
+    helper = DeepCacheSDHelper(pipe=ref_dc)
+    helper.set_params(cache_interval=dc.interval, cache_branch_id=dc.branch)
+    helper.enable()
+    ref_dc_tgate = reference(TgateSDDeepCacheLoader, cache_interval=dc.interval, cache_branch_id=dc.branch)
     latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=args.steps, guidance_scale=7.5, height=args.size, width=args.size,
               latents=latents.to(args.device, dtype))
 
-    pipes = {"diffusers": ref, "diffusers + tgate": ref_tgate, "mini_tgate": ours, "mini_tgate + TGATE": ours}
-    runs = {
-        "diffusers": lambda: ref(PROMPT, output_type="np", **kw).images,
-        "diffusers + tgate": lambda: ref_tgate.tgate(PROMPT, output_type="np", **kw, **gate_kw).images,
-        "mini_tgate": lambda: ours(PROMPT, **kw).images,
-        "mini_tgate + TGATE": lambda: ours(PROMPT, tgate=gate, **kw).images,
+    # name: (pipeline, run, (TGate, DeepCache) it counts MACs with, the row it is compared with, its baseline)
+    rows = {
+        "diffusers": (ref, lambda: ref(PROMPT, output_type="np", **kw).images, (None, None), None, None),
+        "diffusers + tgate": (ref_tgate, lambda: ref_tgate.tgate(PROMPT, output_type="np", **kw, **gate_kw).images,
+                              (gate, None), None, "diffusers"),
+        "diffusers + DeepCache": (ref_dc, lambda: ref_dc(PROMPT, output_type="np", **kw).images, (None, dc), None,
+                                  "diffusers"),
+        "diffusers + tgate + DeepCache": (ref_dc_tgate, lambda: ref_dc_tgate.tgate(
+            PROMPT, output_type="np", **kw, **gate_kw).images, (gate, dc), None, "diffusers"),
     }
+    pipelines = [("mini_tgate", ours)]
     if args.compile:
         compiled = mini_tgate.load_pipeline(folder, device=args.device, dtype=dtype)
         compiled.compile()
-        runs["mini_tgate compiled"] = lambda: compiled(PROMPT, **kw).images
-        runs["mini_tgate compiled + TGATE"] = lambda: compiled(PROMPT, tgate=gate, **kw).images
-        pipes.update({"mini_tgate compiled": compiled, "mini_tgate compiled + TGATE": compiled})
-    decodes = {id(pipe): time_decode(pipe.vae, args.device) for pipe in pipes.values()}
-    for pipe in {id(pipe): pipe for pipe in pipes.values()}.values():
+        pipelines.append(("mini_tgate compiled", compiled))
+    for name, pipe in pipelines:
+        for suffix, tgate, deepcache, ref_name in (("", None, None, "diffusers"),
+                                                   (" + TGATE", gate, None, "diffusers + tgate"),
+                                                   (" + DeepCache", None, dc, "diffusers + DeepCache"),
+                                                   (" + TGATE + DeepCache", gate, dc, "diffusers + tgate + DeepCache")):
+            run = lambda pipe=pipe, tgate=tgate, deepcache=deepcache: pipe(PROMPT, tgate=tgate, deepcache=deepcache,
+                                                                           **kw).images
+            rows[name + suffix] = (pipe, run, (tgate, deepcache), ref_name, name if suffix else None)
+    decodes = {id(pipe): time_decode(pipe.vae, args.device) for pipe, *_ in rows.values()}
+    for pipe in {id(pipe): pipe for pipe, *_ in rows.values()}.values():
         # page in lazily mapped weights now, so that the peak memory of a run is its activations
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             sum(float(p.sum()) for p in model.parameters())
 
-    times = {name: [] for name in runs}
-    denoise = {name: [] for name in runs}  # latency minus the VAE decode
+    times = {name: [] for name in rows}
+    denoise = {name: [] for name in rows}  # latency minus the VAE decode
     memory, images = {}, {}
-    for name, run in runs.items():  # warm-up (and compilation), memory, and the outputs to compare
+    for name, (_, run, *_) in rows.items():  # warm-up (and compilation), memory, and the outputs to compare
         with PeakMemory(args.device) as m:
             images[name] = run()
         memory[name] = m.bytes
     for _ in range(args.repeats):
-        for name, run in runs.items():
-            decoded = decodes[id(pipes[name])]
+        for name, (pipe, run, *_) in rows.items():
+            decoded = decodes[id(pipe)]
             sync(args.device)
             t = time.perf_counter()
             run()
@@ -242,32 +263,28 @@ def main():
     median_denoise = {name: statistics.median(ts) for name, ts in denoise.items()}
 
     unet_config = ours.unet.config
-    base_macs = count_macs(unet_config, args.size, args.size, args.steps, 7.5)["unet_macs"]
-    gate_macs = count_macs(unet_config, args.size, args.size, args.steps, 7.5, gate)["unet_macs"]
+    macs = {gd: count_macs(unet_config, args.size, args.size, args.steps, 7.5, gd[0], deepcache=gd[1])["unet_macs"]
+            for gd in {row[2] for row in rows.values()}}
     loads = {"mini_tgate": measure_load("mini_tgate", folder, args.device, args.dtype),
              "diffusers": measure_load("diffusers", folder, args.device, args.dtype)}
     wb = weight_bytes(folder)
 
-    base_of = {"diffusers + tgate": "diffusers", "mini_tgate + TGATE": "mini_tgate",
-               "mini_tgate compiled + TGATE": "mini_tgate compiled"}
     cpu = platform.processor() or platform.machine()
     print(f"\n{args.model} ({sum(p.numel() for p in ours.unet.parameters()) / 1e6:.0f}M-parameter UNet), "
           f"{args.size}x{args.size}, {args.steps} steps, CFG 7.5, {args.device} {args.dtype}, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs ({cpu}), {time.strftime('%Y-%m-%d')}; "
-          f"TGATE {gate_kw}; median of {args.repeats}\n")
-    print("| run | latency / image | vs diffusers (+tgate) | denoising | TGATE speed-up: whole / denoising | "
-          "MAC-predicted | peak memory | max diff vs diffusers (+tgate) |")
+          f"TGATE {gate_kw}; DeepCache interval {dc.interval}, branch {dc.branch}; median of {args.repeats}\n")
+    print("| run | latency / image | vs its reference | denoising | speed-up: whole / denoising | "
+          "MAC-predicted | peak memory | max diff vs its reference |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in runs:
-        gated = name in base_of
-        ref_name = "diffusers + tgate" if gated else "diffusers"
-        speedup = (f"{median[base_of[name]] / median[name]:.2f}x / "
-                   f"{median_denoise[base_of[name]] / median_denoise[name]:.2f}x" if gated else "")
-        predicted = f"{base_macs / gate_macs:.2f}x" if gated else ""
-        diff = abs(images[name] - images[ref_name]).max()
-        print(f"| {name} | {median[name]:.3f} s | {median[name] / median[ref_name]:.2f}x | "
-              f"{median_denoise[name]:.3f} s | {speedup} | {predicted} | "
-              f"{memory[name] / 2**20:.0f} MiB | {diff:.1e} |")
+    for name, (_, _, gd, ref_name, base) in rows.items():
+        speedup = (f"{median[base] / median[name]:.2f}x / {median_denoise[base] / median_denoise[name]:.2f}x"
+                   if base else "")
+        predicted = f"{macs[(None, None)] / macs[gd]:.2f}x" if base else ""
+        vs = f"{median[name] / median[ref_name]:.2f}x" if ref_name else ""
+        diff = f"{abs(images[name] - images[ref_name]).max():.1e}" if ref_name else ""
+        print(f"| {name} | {median[name]:.3f} s | {vs} | {median_denoise[name]:.3f} s | {speedup} | {predicted} | "
+              f"{memory[name] / 2**20:.0f} MiB | {diff} |")
     print(f"\nLoading ({wb / 2**20:.0f} MiB of safetensors, fresh process, median of 3):\n")
     print("| library | load time | peak RSS increase | / weight bytes |")
     print("|---|---|---|---|")
