@@ -107,7 +107,8 @@ def read_lora(source, weight_name: str | None = None, local_files_only: bool = F
             raise TypeError("a LoRA state dict must map names (str) to tensors")
         return LoraFile("the given state dict", dict(source), None)
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a LoRA must be a file, folder or hub repo id (or a dict of tensors), got {type(source).__name__}")
+        raise TypeError("a LoRA must be a file, folder or hub repo id (or a dict of tensors), "
+                        f"got {type(source).__name__}")
     if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or os.path.isabs(weight_name)
                                     or ".." in Path(weight_name).parts):
         raise ValueError(f"weight_name must be a file name inside the folder or repo, got {weight_name!r}")
@@ -347,9 +348,10 @@ def checked_layer(lora: LoraFile, model_name: str, path: str, weight: torch.Tens
     rank = down.shape[0] if down.ndim else 0
     out, kernel = weight.shape[0], tuple(weight.shape[1:])  # (in,) or (in, kh, kw)
     if tuple(down.shape) != (rank, *kernel) or tuple(up.shape) != (out, rank) + (1,) * (weight.ndim - 2):
+        ones = ", 1, 1" if weight.ndim == 4 else ""
+        expected = f"down (rank, {', '.join(map(str, kernel))}) and up ({out}, rank{ones})"
         raise CheckpointError(f"{where}: LoRA down {tuple(down.shape)} and up {tuple(up.shape)} do not fit the "
-                              f"layer's weight {tuple(weight.shape)} (expected down (rank, {', '.join(map(str, kernel))}) "
-                              f"and up ({out}, rank{', 1, 1' if weight.ndim == 4 else ''}))")
+                              f"layer's weight {tuple(weight.shape)} (expected {expected})")
     if not 1 <= rank <= min(out, math.prod(kernel)):
         raise CheckpointError(f"{where}: rank {rank} must be between 1 and the layer's smaller dimension "
                               f"{min(out, math.prod(kernel))}; this is not a low-rank adapter")

@@ -12,6 +12,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tgate import TgateSDXLLoader
 
@@ -121,7 +122,8 @@ def old_diffusers_lora(ref, seed):
         if name.split(".")[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
             stem = name.rsplit(".", 2 if name.endswith("to_out.0") else 1)[0]
             which = "to_out" if name.endswith("to_out.0") else name.split(".")[-1]
-            sd[f"unet.{stem}.processor.{which}_lora.down.weight"], sd[f"unet.{stem}.processor.{which}_lora.up.weight"] = down, up
+            key = f"unet.{stem}.processor.{which}_lora"
+            sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
         else:
             sd[f"unet.{name}.lora.down.weight"], sd[f"unet.{name}.lora.up.weight"] = down, up
     # the old text-encoder processors adapted all four attention projections (to_q_lora ... to_out_lora)
@@ -131,7 +133,8 @@ def old_diffusers_lora(ref, seed):
         stem, _, proj = name.rpartition(".")
         if proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             which = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}[proj]
-            sd[f"text_encoder.{stem}.{which}_lora.down.weight"], sd[f"text_encoder.{stem}.{which}_lora.up.weight"] = down, up
+            key = f"text_encoder.{stem}.{which}_lora"
+            sd[f"{key}.down.weight"], sd[f"{key}.up.weight"] = down, up
         else:
             sd[f"text_encoder.{name}.lora_linear_layer.down.weight"] = down
             sd[f"text_encoder.{name}.lora_linear_layer.up.weight"] = up
@@ -177,7 +180,8 @@ SDXL_KOHYA_NAMES = {
     "input_blocks_1_1_transformer_blocks_0_attn1_to_out_0":
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
     "input_blocks_1_1_transformer_blocks_0_attn2_to_k": "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-    "input_blocks_1_1_transformer_blocks_0_ff_net_0_proj": "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "input_blocks_1_1_transformer_blocks_0_ff_net_0_proj":
+        "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj",
     "input_blocks_1_1_transformer_blocks_0_ff_net_2": "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
     "input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
     "input_blocks_3_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
@@ -260,10 +264,11 @@ def test_diffusers_saved_lora_with_alpha_metadata(folders, sd, tmp_path):
     trainer.unet.add_adapter(config)
     diffusers.StableDiffusionPipeline.save_lora_weights(
         tmp_path, unet_lora_layers=get_peft_model_state_dict(trainer.unet), unet_lora_adapter_metadata=config.to_dict())
-    metadata = json.loads(__import__("safetensors").safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt")
-                          .metadata()["lora_adapter_metadata"])
+    saved = tmp_path / "pytorch_lora_weights.safetensors"
+    with safe_open(saved, "pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
     assert metadata["unet.lora_alpha"] == 6 and metadata["unet.alpha_pattern"] == {"proj_in": 3}
-    expected = images(fused_reference(folders["sd"], tmp_path / "pytorch_lora_weights.safetensors"), diffusers_pipe=True)
+    expected = images(fused_reference(folders["sd"], saved), diffusers_pipe=True)
     sd.load_lora_weights(tmp_path)  # the folder: its pytorch_lora_weights.safetensors
     assert max_diff(expected, images(sd)) <= 1e-3
 
