@@ -341,6 +341,12 @@ def test_half_precision_merges_in_float32_and_restores(folders, bases, tmp_path)
     assert torch.equal(pipe.unet.state_dict()[f"{name}.weight"], want)
     pipe.unload_lora_weights()
     assert all(torch.equal(v, original[k]) for k, v in pipe.unet.state_dict().items())
+    # merged in float32, then moved to bfloat16, then unloaded: the originals as bfloat16 loads them
+    moved = load_pipeline(folders["sd"])
+    moved.load_lora_weights(lora)
+    moved.to(torch.bfloat16)
+    moved.unload_lora_weights()
+    assert all(torch.equal(v, original[k]) for k, v in moved.unet.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- LCM-LoRA
