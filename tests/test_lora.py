@@ -525,7 +525,7 @@ def test_bad_sources_and_scales(sd, tmp_path):
         sd.load_lora_weights("no-such-org/no-such-lora", weight_name="x.safetensors", local_files_only=True)
 
 
-def test_hub_repo_id_from_the_local_cache(sd, tmp_path, monkeypatch):
+def test_hub_repo_id_from_the_local_cache(sd, tmp_path):
     """A repo id resolves through huggingface_hub's cache (built here with its own layout)."""
     commit = "0" * 40
     snapshot = tmp_path / "models--someone--tiny-lora" / "snapshots" / commit
