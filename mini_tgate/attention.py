@@ -7,7 +7,7 @@ the same class with two options: `bias=True` (biases on `to_q/k/v`, its `attenti
 additive `mask` on the scores (its text padding mask as a bias of 0 or -10000).
 
 The gate (see tgate.py for the schedule): each module holds `gate`, a plain string set by
-`UNet2DConditionModel.set_gate` before each step, and `cache`, the output it keeps:
+`set_gate` (below; the UNet adds DeepCache's split to it) before each step, and `cache`, the output it keeps:
 
     COMPUTE     compute the output                      (every step without TGATE)
     CACHE       compute it and keep it
@@ -72,3 +72,18 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(dtype)  # (B, heads, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, -1)                 # (B, T, heads * head_dim)
         return self.to_out[0](y)
+
+
+def set_gate(model: nn.Module, step) -> None:
+    """Tell every attention layer of `model` what to do at this step (a tgate.StepPlan): cross-
+    attention layers follow `step.cross_attn`, self-attention layers `step.self_attn`."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.gate = step.cross_attn if m.is_cross else step.self_attn
+
+
+def clear_gate(model: nn.Module) -> None:
+    """Every attention layer of `model` back to plain computation, its cache freed: a generation ends."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.gate, m.cache = COMPUTE, None

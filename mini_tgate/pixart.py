@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, clear_gate, set_gate
 from .checkpoint import PretrainedMixin
 from .config import PixArtTransformerConfig
-from .tgate import COMPUTE, StepPlan
 from .unet import FeedForward, TimestepEmbedding, timestep_embedding
 
 
@@ -224,15 +223,6 @@ class PixArtTransformer2DModel(PretrainedMixin, nn.Module):
 
     # ----------------------------------------------------------------------------- TGATE
 
-    def attention_modules(self):
-        return [m for m in self.modules() if isinstance(m, Attention)]
-
-    def set_gate(self, step: StepPlan) -> None:
-        """Tell every attention layer what to do at this step (tgate.plan gives the steps)."""
-        for m in self.attention_modules():
-            m.gate = step.cross_attn if m.is_cross else step.self_attn
-
-    def clear_gate(self) -> None:
-        """Back to plain computation, caches freed: called when a generation ends."""
-        for m in self.attention_modules():
-            m.gate, m.cache = COMPUTE, None
+    # the denoising loop hands each step's plan to every attention layer (attention.py)
+    set_gate = set_gate
+    clear_gate = clear_gate

@@ -10,6 +10,7 @@ import torch
 from diffusers import PixArtTransformer2DModel as RefTransformer
 from tgate.tgate_utils import register_forward
 
+from mini_tgate.attention import Attention
 from mini_tgate.checkpoint import CheckpointError
 from mini_tgate.config import ConfigError, PixArtTransformerConfig
 from mini_tgate.pixart import PixArtTransformer2DModel
@@ -205,8 +206,9 @@ def test_tgate_gate_matches_the_tgate_package(pair):
                     assert rel_err(ours(x, text, t, **kw), got) > 1e-4
     finally:
         ours.clear_gate()
-    assert all(m.gate == COMPUTE and m.cache is None for m in ours.attention_modules())
-    assert len(ours.attention_modules()) == 2 * ours.config.num_layers
+    attention = [m for m in ours.modules() if isinstance(m, Attention)]
+    assert all(m.gate == COMPUTE and m.cache is None for m in attention)
+    assert len(attention) == 2 * ours.config.num_layers
 
 
 # ----------------------------------------------------------------------------- errors
