@@ -407,6 +407,8 @@ def generate_command(args) -> None:
                      height=image.shape[0], dtype=dtype)
             if negatives is not None:
                 p["negative_prompt"] = negatives[i]
+            if "deepcache" in options:
+                p["deepcache"] = vars(options["deepcache"])  # kept in the JSON chunk
             if init_image is not None:  # the file's name only, never a local path
                 p.update(image=Path(args.image).name, strength=args.strength or pipe.default_strength)
             if args.compare:
@@ -434,13 +436,15 @@ def generate_command(args) -> None:
               f"timed on a second run of the first batch, after a warm-up run of both)")
     print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, steps)}")
     base = count_macs(pipe.unet.config, height, width, steps, guidance, None)["unet_macs"]
-    if gate is None:
+    deepcache = deepcache_from(args)
+    if gate is None and deepcache is None:
         print(f"UNet: {si(base)} MACs per image (no gate)")
     else:
-        gated = count_macs(pipe.unet.config, height, width, steps, guidance, gate)["unet_macs"]
-        print(f"TGATE (gate step {gate.gate_step}, sp_interval {gate.sp_interval}, fi_interval "
-              f"{gate.fi_interval}, warm-up {gate.warm_up}): UNet {si(gated)} MACs per image instead of "
-              f"{si(base)}, {1 - gated / base:.1%} fewer")
+        gated = count_macs(pipe.unet.config, height, width, steps, guidance, gate, deepcache=deepcache)["unet_macs"]
+        what = [] if gate is None else [f"TGATE (gate step {gate.gate_step}, sp_interval {gate.sp_interval}, "
+                                        f"fi_interval {gate.fi_interval}, warm-up {gate.warm_up})"]
+        what += [] if deepcache is None else [f"DeepCache (interval {deepcache.interval}, branch {deepcache.branch})"]
+        print(f"{' + '.join(what)}: UNet {si(gated)} MACs per image instead of {si(base)}, {1 - gated / base:.1%} fewer")
 
 
 # ----------------------------------------------------------------------------- batch
