@@ -9,6 +9,10 @@ types these models use. Module names equal the checkpoint's keys, so a diffusers
                                          └──── skip connections ────┘
     every ResnetBlock2D adds the embedding of (timestep [+ LCM guidance] [+ SDXL pooled text, sizes])
     every Transformer2DModel runs self-attention, cross-attention to the text, and a GEGLU MLP
+
+With DeepCache (tgate.DeepCache, set per step by set_gate) a step may run only the shallow branch:
+conv_in, the outermost layers of the down and up paths, conv_out, on the deep feature that the
+last full step kept (see forward).
 """
 
 from __future__ import annotations
