@@ -1,6 +1,6 @@
 """The adaptive gate step (AdaptiveTGate): its statistic and rule on hand-made tensors, and its
-runs against fixed TGate runs on the tiny shapes model (weights/tiny-shapes), which the `tgate`
-package checks elsewhere (test_tgate.py, test_pipeline.py)."""
+runs against fixed TGate runs on the tiny shapes model (weights/tiny-shapes) and a tiny PixArt,
+which the `tgate` package checks elsewhere (test_tgate.py, test_pipeline.py, test_pixart_pipeline.py)."""
 
 import copy
 import json
@@ -16,8 +16,8 @@ import mini_tgate
 from mini_tgate import AdaptiveTGate, TGate
 from mini_tgate.__main__ import main
 from mini_tgate.png import read_png_text, to_uint8
-from mini_tgate.tgate import DeepCache
-from mini_tgate.tgate import cross_attention_change
+from mini_tgate.tgate import DeepCache, cross_attention_change
+from test_pixart_pipeline import PROMPTS as PIXART_PROMPTS, checkpoints, noise as pixart_noise, ours  # noqa: F401 (fixtures)
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,3 +203,18 @@ def test_cli_refuses_in_one_line(args, message, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc != 0 and message in err and err.count("\n") == 1 and err.startswith("error: ")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+def test_pixart(ours, guidance):
+    """PixArt-Sigma (tiny random checkpoint of test_pixart_pipeline.py), with CFG and without: a
+    tolerance never met is TGate(max_gate_step); one always met closes the gate at the first
+    chance, m = 3, and replays as TGate(3)."""
+    pipe = ours["sigma"]
+    kw = dict(prompt=PIXART_PROMPTS, num_inference_steps=8, guidance_scale=guidance, height=128, width=128,
+              use_resolution_binning=False, latents=pixart_noise(2, 128, 128))
+    never = pipe(**kw, tgate=AdaptiveTGate(tolerance=0, max_gate_step=5, sp_interval=2, warm_up=1))
+    assert np.array_equal(never.images, pipe(**kw, tgate=TGate(5, sp_interval=2, warm_up=1)).images)
+    first = pipe(**kw, tgate=AdaptiveTGate(tolerance=1e9, max_gate_step=7, sp_interval=1, warm_up=0))
+    assert decision(first) == 3
+    assert np.array_equal(first.images, pipe(**kw, tgate=TGate(3, sp_interval=1, warm_up=0)).images)
