@@ -17,6 +17,7 @@ from mini_tgate import AdaptiveTGate, TGate
 from mini_tgate.__main__ import main
 from mini_tgate.png import read_png_text, to_uint8
 from mini_tgate.tgate import DeepCache, cross_attention_change
+from tiny_models import save_sd
 from test_pixart_pipeline import PROMPTS as PIXART_PROMPTS, checkpoints, noise as pixart_noise, ours  # noqa: F401 (fixtures)
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
@@ -218,3 +219,20 @@ def test_pixart(ours, guidance):
     first = pipe(**kw, tgate=AdaptiveTGate(tolerance=1e9, max_gate_step=7, sp_interval=1, warm_up=0))
     assert decision(first) == 3
     assert np.array_equal(first.images, pipe(**kw, tgate=TGate(3, sp_interval=1, warm_up=0)).images)
+
+
+def test_lcm(tmp_path):
+    """An LCM UNet (guidance as an embedding, no CFG; tiny random checkpoint) with the LCM
+    scheduler: a tolerance never met is TGate(max_gate_step), one always met gives m = 3."""
+    pipe = mini_tgate.load_pipeline(save_sd(tmp_path / "lcm", lcm=True))
+    pipe.scheduler = mini_tgate.LCMScheduler.from_config(pipe.scheduler.config)
+
+    def run(gate):  # the LCM step draws fresh noise: from a generator seeded alike in every run
+        return pipe(PROMPTS, num_inference_steps=6, guidance_scale=8.0, latents=noise(), tgate=gate,
+                    generator=torch.Generator().manual_seed(0))
+
+    never = run(AdaptiveTGate(tolerance=0, max_gate_step=4, sp_interval=1, warm_up=0))
+    assert np.array_equal(never.images, run(TGate(4, sp_interval=1, warm_up=0)).images)
+    first = run(AdaptiveTGate(tolerance=1e9, max_gate_step=5, sp_interval=1, warm_up=0))
+    assert decision(first) == 3 and [s["batch"] for s in first.steps] == [2] * 6  # one batch: no CFG
+    assert np.array_equal(first.images, run(TGate(3, sp_interval=1, warm_up=0)).images)
