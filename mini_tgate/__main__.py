@@ -62,8 +62,9 @@ def int_or_auto(text: str) -> int | str:
 def add_gate_options(p: argparse.ArgumentParser, defaults: TGate | None = TGate()) -> None:
     d, a = defaults or TGate(), AdaptiveTGate()
     p.add_argument("--gate-step", type=int_or_auto, default=d.gate_step if defaults else None,
-                   help=f"TGATE gate step m (default {d.gate_step}), or auto: close the gate once cross-attention "
-                        f"has settled, at m = {a.min_gate_step} to {a.max_gate_step} (AdaptiveTGate; the PNG records m)")
+                   help=f"TGATE gate step m (default {d.gate_step}), or auto (experimental, no better than a fixed m "
+                        f"on the tiny model): close the gate once cross-attention has settled, at m = "
+                        f"{a.min_gate_step} to {a.max_gate_step} (AdaptiveTGate; the PNG records m)")
     p.add_argument("--gate-tolerance", type=float,
                    help=f"with --gate-step auto: the relative change per step below which cross-attention counts "
                         f"as settled (default {a.tolerance})")

@@ -145,7 +145,9 @@ def plan(tgate: TGate | AdaptiveTGate | None, num_steps: int, cfg: bool,
 @dataclass(frozen=True)
 class AdaptiveTGate:
     """A gate step chosen per generation from its own cross-attention convergence (beyond the
-    paper; examples/adaptive_gate.py measures whether it pays). Accepted wherever a TGate is.
+    paper; experimental). Accepted wherever a TGate is. Measured on the tiny model
+    (examples/adaptive_gate.py, docs/adaptive_gate.md) it is no better than a fixed gate step at
+    the same MACs: its points lie on the fixed-m curve within the seed-to-seed spread.
 
     During the semantics-planning phase the pipeline measures after each step i >= 1 how much the
     cross-attention outputs changed since step i-1 (`cross_attention_change`). The first time every
