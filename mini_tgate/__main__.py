@@ -149,8 +149,8 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
                         + ", ".join(repr(n) for n in SCHEDULER_NAMES))
     p.add_argument("--seed", type=int, default=-1,
                    help="seed of the first image; image i gets seed + i (default -1: a random seed, printed)")
-    p.add_argument("--height", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
-    p.add_argument("--width", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the UNet's sample size x 8)")
+    p.add_argument("--height", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the model's sample size x 8)")
+    p.add_argument("--width", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the model's sample size x 8)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     if img2img:  # read and checked by image_option
         p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
@@ -334,8 +334,8 @@ def call_options(args, pipe) -> dict:
     deepcache = deepcache_from(args)
     return dict(num_inference_steps=args.steps,
                 guidance_scale=pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
-                height=args.height or pipe.unet.config.sample_size * f,
-                width=args.width or pipe.unet.config.sample_size * f,
+                height=args.height or pipe.denoiser.config.sample_size * f,
+                width=args.width or pipe.denoiser.config.sample_size * f,
                 **({} if deepcache is None else {"deepcache": deepcache}))
 
 
@@ -466,17 +466,19 @@ def generate_command(args) -> None:
               f"({plain.timings['denoise'] / out.timings['denoise']:.2f}x the denoising speed; "
               f"timed on a second run of the first batch, after a warm-up run of both)")
     print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, steps)}")
-    base = count_macs(pipe.unet.config, height, width, steps, guidance, None)["unet_macs"]
+    height, width, _ = pipe.working_size(height, width, {})  # the size denoised (PixArt bins it)
+    base = count_macs(pipe.denoiser.config, height, width, steps, guidance, None)["denoiser_macs"]
+    name = "UNet" if hasattr(pipe, "unet") else "transformer"
     gate = decided(gate, out)  # an AdaptiveTGate's decision for the last batch
     deepcache = deepcache_from(args)
     if gate is None and deepcache is None:
-        print(f"UNet: {si(base)} MACs per image (no gate)")
+        print(f"{name}: {si(base)} MACs per image (no gate)")
     else:
-        gated = count_macs(pipe.unet.config, height, width, steps, guidance, gate, deepcache=deepcache)["unet_macs"]
+        gated = count_macs(pipe.denoiser.config, height, width, steps, guidance, gate, deepcache=deepcache)["denoiser_macs"]
         what = [] if gate is None else [f"TGATE (gate step {gate.gate_step}, sp_interval {gate.sp_interval}, "
                                         f"fi_interval {gate.fi_interval}, warm-up {gate.warm_up})"]
         what += [] if deepcache is None else [f"DeepCache (interval {deepcache.interval}, branch {deepcache.branch})"]
-        print(f"{' + '.join(what)}: UNet {si(gated)} MACs per image instead of {si(base)}, {1 - gated / base:.1%} fewer")
+        print(f"{' + '.join(what)}: {name} {si(gated)} MACs per image instead of {si(base)}, {1 - gated / base:.1%} fewer")
 
 
 # ----------------------------------------------------------------------------- batch
