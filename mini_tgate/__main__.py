@@ -14,7 +14,6 @@ code, never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from .macs import MAX_SIDE, MAX_STEPS, count_macs
 from .pipeline import load_pipeline
 from .png import describe, format_parameters, image_grid, save_png, side_by_side, to_uint8
 from .schedulers import SCHEDULER_NAMES, a1111_names, scheduler_by_name
-from .tgate import AdaptiveTGate, DeepCache, TGate
+from .tgate import DeepCache, TGate
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "tiny-shapes"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,19 +54,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def int_or_auto(text: str) -> int | str:
-    return text if text == "auto" else int(text)
-
-
 def add_gate_options(p: argparse.ArgumentParser, defaults: TGate | None = TGate()) -> None:
-    d, a = defaults or TGate(), AdaptiveTGate()
-    p.add_argument("--gate-step", type=int_or_auto, default=d.gate_step if defaults else None,
-                   help=f"TGATE gate step m (default {d.gate_step}), or auto (experimental, no better than a fixed m "
-                        f"on the tiny model): close the gate once cross-attention has settled, at m = "
-                        f"{a.min_gate_step} to {a.max_gate_step} (AdaptiveTGate; the PNG records m)")
-    p.add_argument("--gate-tolerance", type=float,
-                   help=f"with --gate-step auto: the relative change per step below which cross-attention counts "
-                        f"as settled (default {a.tolerance})")
+    d = defaults or TGate()
+    p.add_argument("--gate-step", type=int, default=d.gate_step if defaults else None,
+                   help=f"TGATE gate step m (default {d.gate_step})")
     p.add_argument("--sp-interval", type=int, default=d.sp_interval,
                    help=f"self-attention interval before the gate (default {d.sp_interval})")
     p.add_argument("--fi-interval", type=int, default=d.fi_interval,
@@ -76,31 +66,10 @@ def add_gate_options(p: argparse.ArgumentParser, defaults: TGate | None = TGate(
                    help=f"steps whose self-attention is always computed (default {d.warm_up})")
 
 
-def gate_from(args) -> TGate | AdaptiveTGate | None:
-    auto = args.gate_step == "auto"
-    if args.gate_tolerance is not None and not auto:
-        raise ValueError("--gate-tolerance goes with --gate-step auto")
+def gate_from(args) -> TGate | None:
     if args.gate_step is None or getattr(args, "no_tgate", False):
         return None
-    if not auto:
-        return TGate(args.gate_step, args.sp_interval, args.fi_interval, args.warm_up)
-    if getattr(args, "deepcache_interval", None) is not None:
-        raise ValueError("--gate-step auto does not combine with DeepCache: give a gate step")
-    tolerance = AdaptiveTGate().tolerance if args.gate_tolerance is None else args.gate_tolerance
-    return AdaptiveTGate(tolerance, sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up)
-
-
-def decided(gate, out):
-    """The fixed gate that replays a generation: an AdaptiveTGate's decision (out.steps), else the gate."""
-    return gate.fixed(out.steps[0]["gate_step"]) if isinstance(gate, AdaptiveTGate) else gate
-
-
-def gate_record(gate, out):
-    """The gate as a PNG records it: an AdaptiveTGate as the fixed gate it decided (what --gate-step
-    m replays) and the rule's parameters (tolerance, min_gate_step, max_gate_step) beside it."""
-    if not isinstance(gate, AdaptiveTGate):
-        return gate
-    return {**dataclasses.asdict(decided(gate, out)), **dataclasses.asdict(gate)}
+    return TGate(args.gate_step, args.sp_interval, args.fi_interval, args.warm_up)
 
 
 def add_deepcache_options(p: argparse.ArgumentParser) -> None:
@@ -434,7 +403,7 @@ def generate_command(args) -> None:
         for i, image in zip(batch, images):
             p = dict(prompt=prompts[i], seed=seed + i, batch_size=len(batch), batch_pos=i - first, steps=args.steps,
                      guidance_scale=guidance, scheduler=type(pipe.scheduler).__name__, sampler=sampler,
-                     schedule_type=schedule_type, tgate=gate_record(gate, out), **model, width=image.shape[1],
+                     schedule_type=schedule_type, tgate=gate, **model, width=image.shape[1],
                      height=image.shape[0], dtype=dtype)
             if negatives is not None:
                 p["negative_prompt"] = negatives[i]
@@ -469,7 +438,6 @@ def generate_command(args) -> None:
     height, width, _ = pipe.working_size(height, width, {})  # the size denoised (PixArt bins it)
     base = count_macs(pipe.denoiser.config, height, width, steps, guidance, None)["denoiser_macs"]
     name = "UNet" if hasattr(pipe, "unet") else "transformer"
-    gate = decided(gate, out)  # an AdaptiveTGate's decision for the last batch
     deepcache = deepcache_from(args)
     if gate is None and deepcache is None:
         print(f"{name}: {si(base)} MACs per image (no gate)")
@@ -486,7 +454,7 @@ def generate_command(args) -> None:
 # generate's options that do not decide an image's pixels (or are recorded another way), left out
 # of the options a batch folder's records carry and a rerun must repeat
 NOT_PIXELS = {"command", "run", "prompts", "out", "overwrite", "compare", "compare_tgate", "device", "no_tgate",
-              "gate_step", "gate_tolerance", "sp_interval", "fi_interval", "warm_up"}
+              "gate_step", "sp_interval", "fi_interval", "warm_up"}
 
 
 def batch_command(args) -> None:
@@ -535,8 +503,6 @@ def prepare_batch(args, rank: int, world: int):
     """Everything checked before loading: the options, the prompt file, the folder; rank 0 plans
     the job (which batches are still to do) and tells the others."""
     gate = gate_from(args)
-    if isinstance(gate, AdaptiveTGate):  # its MACs and PNG records would need each batch's decision
-        raise ValueError("batch takes a fixed --gate-step; --gate-step auto is generate's")
     if args.compare:
         raise ValueError("--compare is generate's: batch takes --compare-tgate (two folders, and their difference)")
     if args.compare_tgate and gate is None:
@@ -598,11 +564,7 @@ def info_command(args) -> None:
 
 
 def macs_command(args) -> None:
-    gate = gate_from(args)
-    if isinstance(gate, AdaptiveTGate):
-        raise ValueError("--gate-step auto decides the gate step while generating; count a fixed one "
-                         "(generate prints and records the one it chose)")
-    result = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, gate,
+    result = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, gate_from(args),
                         deepcache=deepcache_from(args))
     if args.json:
         print(json.dumps(result))

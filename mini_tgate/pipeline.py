@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from . import lora
-from .attention import Attention
 from .checkpoint import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .single_file import is_single_file, load_single_file
@@ -38,7 +37,7 @@ from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel, preprocess_prompt
 from .text_encoder import CLIPTextModel
 from .image import read_image
-from .tgate import CACHE, AdaptiveTGate, DeepCache, TGate, cross_attention_change, plan
+from .tgate import DeepCache, TGate, plan
 from .tokenizer import CLIPTokenizer, T5Tokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
@@ -309,11 +308,8 @@ class DiffusionPipeline:
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor (torch.from_numpy converts a numpy array), "
                             f"got {type(latents).__name__}")
-        if tgate is not None and not isinstance(tgate, (TGate, AdaptiveTGate)):
-            raise TypeError(f"tgate must be a mini_tgate.TGate, AdaptiveTGate or None, got {type(tgate).__name__}")
-        if isinstance(tgate, AdaptiveTGate) and deepcache is not None:
-            raise ValueError("AdaptiveTGate does not combine with DeepCache (shallow steps skip the cross-attention "
-                             "it measures); use a TGate with DeepCache")
+        if tgate is not None and not isinstance(tgate, TGate):
+            raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
         if deepcache is not None and not isinstance(deepcache, DeepCache):
             raise TypeError(f"deepcache must be a mini_tgate.DeepCache or None, got {type(deepcache).__name__}")
         if deepcache is not None and not hasattr(self.denoiser, "deep_split"):
@@ -442,7 +438,7 @@ class DiffusionPipeline:
                 latents, report = self.denoise(
                     denoiser, scheduler, latents, cond, uncond, steps,
                     guidance_scale, guidance_rescale, eta, generator, bar_config, callback_on_step_end,
-                    callback_inputs, tgate if isinstance(tgate, AdaptiveTGate) else None)
+                    callback_inputs)
             timings["denoise"] = time.perf_counter() - start
 
             # 4. Decode.
@@ -504,21 +500,15 @@ class DiffusionPipeline:
                 self.call_owner = None
 
     def denoise(self, denoiser, scheduler, latents, cond: dict, uncond: dict | None, steps: list, guidance_scale,
-                guidance_rescale, eta, generator, bar_config: dict, callback, callback_inputs: list,
-                adaptive: AdaptiveTGate | None = None):
+                guidance_rescale, eta, generator, bar_config: dict, callback, callback_inputs: list):
         """The denoising loop (scheduler timesteps set): the latents at the end, and per step
-        what attention did. With CFG (uncond given) steps whose plan says so run the doubled batch.
-        With an AdaptiveTGate, `steps` is its undecided plan; the remaining steps are re-planned
-        once it decides the gate step, which every step's record then carries as "gate_step"."""
+        what attention did. With CFG (uncond given) steps whose plan says so run the doubled batch."""
         dtype = latents.dtype
-        cross_attention = [m for m in denoiser.modules() if isinstance(m, Attention) and m.is_cross]
-        previous, gate_step = None, None  # AdaptiveTGate: the last step's cross-attention outputs, its decision
         extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
         report = []
         bar = progress_bar(len(steps), bar_config)
         try:
-            for i, t in enumerate(scheduler.timesteps[scheduler.begin_index:]):
-                step = steps[i]  # read each time: an AdaptiveTGate's decision re-plans the steps ahead
+            for i, (t, step) in enumerate(zip(scheduler.timesteps[scheduler.begin_index:], steps)):
                 denoiser.set_gate(step)
                 if step.cfg:
                     x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
@@ -544,17 +534,6 @@ class DiffusionPipeline:
                                              + (f" (eta={eta})" if extra else "") + half_hint(dtype))
                 report.append({"step": i, "timestep": float(t), "cross_attn": step.cross_attn,
                                "self_attn": step.self_attn, "batch": x.shape[0], "deep": step.deep})
-                # AdaptiveTGate, undecided: how far the cross-attention outputs (kept by CACHE) moved
-                # since the last step; once every image has settled, the rest is the fixed gate's plan
-                if adaptive is not None and gate_step is None and step.cross_attn == CACHE:
-                    outputs = [m.cache for m in cross_attention]
-                    if previous is not None:
-                        change = cross_attention_change(previous, outputs, step.cfg)
-                        report[-1]["cross_attn_change"] = change.tolist()
-                        gate_step = adaptive.decide(i, change)
-                        if gate_step is not None:
-                            steps[i + 1:] = plan(adaptive.fixed(gate_step), len(steps), uncond is not None)[i + 1:]
-                    previous = outputs
                 if bar is not None:
                     bar.update()
                 if callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
@@ -570,9 +549,6 @@ class DiffusionPipeline:
                     break
         finally:
             denoiser.clear_gate()  # no cache outlives the call
-            if adaptive is not None:  # its decision on every step's record (max_gate_step if the rule never fired)
-                for record in report:
-                    record["gate_step"] = gate_step or adaptive.max_gate_step
             if bar is not None:
                 bar.close()
         return latents, report

@@ -145,9 +145,7 @@ def plan(tgate: TGate | AdaptiveTGate | None, num_steps: int, cfg: bool,
 @dataclass(frozen=True)
 class AdaptiveTGate:
     """A gate step chosen per generation from its own cross-attention convergence (beyond the
-    paper; experimental). Accepted wherever a TGate is. Measured on the tiny model
-    (examples/adaptive_gate.py, docs/adaptive_gate.md) it is no better than a fixed gate step at
-    the same MACs: its points lie on the fixed-m curve within the seed-to-seed spread.
+    paper; examples/adaptive_gate.py measures whether it pays). Accepted wherever a TGate is.
 
     During the semantics-planning phase the pipeline measures after each step i >= 1 how much the
     cross-attention outputs changed since step i-1 (`cross_attention_change`). The first time every
@@ -166,9 +164,9 @@ class AdaptiveTGate:
     sp_interval, fi_interval, warm_up: as TGate's (the paper's SD defaults).
     """
 
-    tolerance: float = 0.02  # the defaults: chosen on the tiny model's tuning prompts (examples/adaptive_gate.py)
+    tolerance: float = 0.03
     min_gate_step: int = 3
-    max_gate_step: int = 12
+    max_gate_step: int = 10
     sp_interval: int = 5
     fi_interval: int = 1
     warm_up: int = 2
