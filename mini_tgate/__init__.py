@@ -11,7 +11,7 @@ from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncest
 from .text_encoder import CLIPTextModel, CLIPTextOutput
 from .pipeline import (DiffusionPipeline, load_pipeline, PipelineOutput, PixArtAlphaPipeline, PixArtSigmaPipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline)
-from .tgate import AdaptiveTGate, DeepCache, TGate
+from .tgate import DeepCache, TGate
 from .pixart import PixArtTransformer2DModel
 from .t5 import T5EncoderModel
 from .tokenizer import CLIPTokenizer, T5Tokenizer

@@ -20,16 +20,11 @@ The pipeline hands each step's `StepPlan` to `UNet2DConditionModel.set_gate`, wh
 With `DeepCache` (below) the plan also says which steps run the whole UNet and which only its
 shallow branch; the UNet keeps the deep feature like an attention keeps its output. Together
 they reproduce the authors' `TgateSDDeepCacheLoader` / `TgateSDXLDeepCacheLoader`.
-
-`AdaptiveTGate` (beyond the paper) chooses m at run time, when this generation's cross-attention
-has settled; the pipeline then hands that m to the same `plan()` for the remaining steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 # What one attention module does at one step (attention.py acts on these).
 COMPUTE = "compute"        # compute, keep nothing
@@ -97,16 +92,9 @@ class StepPlan:
     deep_self_attn: str | None = None  # what self-attention inside the deep part does on a full step
 
 
-def plan(tgate: TGate | AdaptiveTGate | None, num_steps: int, cfg: bool,
-         deepcache: DeepCache | None = None) -> list[StepPlan]:
+def plan(tgate: TGate | None, num_steps: int, cfg: bool, deepcache: DeepCache | None = None) -> list[StepPlan]:
     """What every attention layer (and, with DeepCache, the UNet's deep part) does at each of
     `num_steps` steps (see the module docstring)."""
-    if isinstance(tgate, AdaptiveTGate):
-        # Undecided: the plan of its latest gate, with cross-attention kept (CACHE) at the steps
-        # whose change could still move the gate earlier, for the pipeline to measure. Once it
-        # decides m, it re-plans the remaining steps with plan(tgate.fixed(m), ...).
-        steps = plan(tgate.fixed(tgate.max_gate_step), num_steps, cfg, deepcache)
-        return [replace(s, cross_attn=CACHE) if i < tgate.max_gate_step - 2 else s for i, s in enumerate(steps)]
     m = tgate.gate_step if tgate is not None else None
     # DeepCache: a full step when (i - anchor) % interval == 0. The anchor is step 0, and with TGATE
     # also m-1 (every attention must run to cache its CFG mean) and m (the batch halves): tgate's
@@ -140,68 +128,3 @@ def plan(tgate: TGate | AdaptiveTGate | None, num_steps: int, cfg: bool,
         deep = (CACHE if next_shallow else COMPUTE) if full[i] else REUSE
         steps.append(StepPlan(ca, sa, doubled, deepcache.branch, deep, deep_sa))
     return steps
-
-
-@dataclass(frozen=True)
-class AdaptiveTGate:
-    """A gate step chosen per generation from its own cross-attention convergence (beyond the
-    paper; examples/adaptive_gate.py measures whether it pays). Accepted wherever a TGate is.
-
-    During the semantics-planning phase the pipeline measures after each step i >= 1 how much the
-    cross-attention outputs changed since step i-1 (`cross_attention_change`). The first time every
-    image of the batch changed by less than `tolerance`, step i+1 becomes the caching step, so the
-    gate step is m = i + 2 (a change is known only once its step has run, and the caching step
-    must compute): one decision per batch, made when its slowest image has settled. No m below
-    `min_gate_step` is taken (nor below 3: the first change is known after step 1); without a
-    decision the gate step is `max_gate_step`. Until the decision the run is step for step that
-    of TGate(max_gate_step, ...), after it that of TGate(m, ...): the pipeline re-plans the
-    remaining steps with `plan(gate.fixed(m), ...)` and records m in `out.steps`, so replaying the
-    run with `gate.fixed(m)` draws the same images.
-
-    tolerance: the largest relative change (per image, mean over cross-attention layers) that
-        counts as settled; 0 never settles.
-    min_gate_step, max_gate_step: the range of m.
-    sp_interval, fi_interval, warm_up: as TGate's (the paper's SD defaults).
-    """
-
-    tolerance: float = 0.03
-    min_gate_step: int = 3
-    max_gate_step: int = 10
-    sp_interval: int = 5
-    fi_interval: int = 1
-    warm_up: int = 2
-
-    def __post_init__(self):
-        t = self.tolerance
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-            raise ValueError(f"AdaptiveTGate tolerance must be a finite number >= 0, got {t!r}")
-        self.fixed(self.min_gate_step)  # TGate's checks of the shared parameters
-        self.fixed(self.max_gate_step)
-        if self.min_gate_step > self.max_gate_step:
-            raise ValueError(f"AdaptiveTGate min_gate_step ({self.min_gate_step}) must not exceed "
-                             f"max_gate_step ({self.max_gate_step})")
-
-    def fixed(self, gate_step: int) -> TGate:
-        """The fixed gate with this gate step and the same self-attention parameters."""
-        return TGate(gate_step, self.sp_interval, self.fi_interval, self.warm_up)
-
-    def decide(self, i: int, change: torch.Tensor) -> int | None:
-        """The gate step, once step i's change (one value per image) is known; None: not yet."""
-        m = i + 2
-        if self.min_gate_step <= m < self.max_gate_step and bool((change < self.tolerance).all()):
-            return m
-        return None
-
-
-def cross_attention_change(previous: list[torch.Tensor], current: list[torch.Tensor], cfg: bool) -> torch.Tensor:
-    """Per image: the mean over cross-attention layers of ||A_i - A_{i-1}|| / ||A_i||, where A is
-    what the gate would cache, the mean of the two CFG halves (without CFG the output itself).
-    Reusing the cache at later steps makes an error of exactly this kind; the outputs are computed
-    anyway, so it costs a few elementwise passes over them (float32)."""
-    total = 0
-    for before, now in zip(previous, current):
-        if cfg:  # the batch is [unconditional, conditional]
-            before, now = (sum(before.chunk(2)) / 2, sum(now.chunk(2)) / 2)
-        before, now = before.flatten(1).float(), now.flatten(1).float()
-        total = total + (now - before).norm(dim=1) / now.norm(dim=1)
-    return total / len(current)
