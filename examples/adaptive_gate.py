@@ -1,10 +1,8 @@
 """An adaptive gate step on the tiny shapes model: does choosing m per generation beat a fixed m?
 
     python examples/adaptive_gate.py --threads 2     # writes docs/adaptive_gate.png and docs/adaptive_gate.md
-    python examples/adaptive_gate.py --overhead sd15 --device cuda --dtype float16 [--compile]
-                                                     # the statistic's cost in time at SD-1.5 scale
 
-TGATE fixes the gate step m by hand. The adaptive rule (mini_tgate.AdaptiveTGate) measures during
+TGATE fixes the gate step m by hand. The adaptive rule simulated here measures during
 the semantics-planning phase how much the cross-attention (CA) outputs changed since the previous
 step and closes the gate when they have settled:
 
@@ -18,7 +16,7 @@ tensors are computed anyway, and it costs a few elementwise passes over the CA o
 
 The simulation here is exact: before its decision an adaptive run is step for step the run of
 TGate(gate_step=max_gate_step) with the same sp_interval and warm_up, and after it, the run of
-TGate(gate_step=m) (tests/test_adaptive.py checks both). So one run per fixed m gives every image
+TGate(gate_step=m) (a library version, since removed, was checked to give exactly these images). So one run per fixed m gives every image
 the adaptive rule can produce; forward hooks on the CA modules of the m=15 run record change_i.
 Every image is a generation of its own (one decision per image); MACs are the UNet's
 (mini_tgate.count_macs) averaged over the images.
@@ -53,7 +51,6 @@ VARIANTS = {"CA only": dict(sp_interval=1, fi_interval=1, warm_up=0),
 FIXED_M = list(range(2, 16))
 RECORD_M = FIXED_M[-1]  # the run whose CA changes are recorded: it gates last
 TOLERANCES = [0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.06, 0.07]
-PROMPTS_SD = "a photograph of an astronaut riding a horse"
 SPLITS = {"tune": dict(prompts=eval_prompts(), seeds=[0, 1]),
           "test": dict(prompts=shapes.all_prompts(), seeds=[10, 11, 12, 13])}
 
@@ -164,99 +161,15 @@ def margin(adh, mac, curve_macs, curve_adh):
     return adh - np.array([np.interp(x, curve_macs, curve_adh[:, s]) for s, x in enumerate(mac)])
 
 
-def check_pipeline(pipe, prompts, seed, steps, guidance, gate):
-    """The shipped AdaptiveTGate, one prompt per generation: its image must equal the replay of
-    its decision with a fixed TGate; both denoising times (the same plan: the difference is the
-    statistic's cost). Returns the chosen gate steps and the summed denoising seconds."""
-    z = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-    chosen, seconds = [], {"adaptive": 0.0, "fixed": 0.0}
-    for k, prompt in enumerate(prompts):
-        kw = dict(num_inference_steps=steps, guidance_scale=guidance, latents=z[k:k + 1])
-        out = pipe(prompt, tgate=gate, **kw)
-        m = out.steps[0]["gate_step"]
-        replay = pipe(prompt, tgate=gate.fixed(m), **kw)
-        again = pipe(prompt, tgate=gate, **kw)  # adaptive once before and once after: no order bias
-        assert np.array_equal(out.images, replay.images), (prompt, m)
-        seconds["adaptive"] += (out.timings["denoise"] + again.timings["denoise"]) / 2
-        seconds["fixed"] += replay.timings["denoise"]
-        chosen.append(m)
-    return chosen, seconds
-
-
-def check_lines(chosen, seconds, n, seed, simulated=None):
-    lines = [f"Pipeline check ({n} held-out prompts, seed {seed}, one generation each): every AdaptiveTGate image "
-             f"equals its replay with TGate(gate_step=m); denoising {seconds['adaptive']:.2f} s adaptive against "
-             f"{seconds['fixed']:.2f} s for the replays ({seconds['adaptive'] / seconds['fixed'] - 1:+.1%}, "
-             "on a shared CPU)."]
-    if simulated is not None:
-        agree = int(np.sum(np.array(chosen) == np.array(simulated)))
-        lines.append(f"The simulation's gate step equals the pipeline's for {agree} of {n} of them (the simulation "
-                     "ran the prompts as one batch: float sums in another order can move a change across the tolerance).")
-    return lines
-
-
-def overhead(args):
-    """--overhead: the statistic's cost in time at SD-1.5 scale, on a random-weight checkpoint that
-    examples/benchmark.py builds (no download). Tolerance 0 never settles, so the adaptive run
-    measures at every step up to max_gate_step - 3 (its most expensive case) and otherwise runs
-    exactly the plan of TGate(max_gate_step): the time difference is the statistic's alone. The
-    two alternate, after a warm-up of each; median of --repeats."""
-    import statistics
-    import tempfile
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from benchmark import build_checkpoint
-
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    folder = build_checkpoint(Path(tempfile.mkdtemp()) / f"bench-{args.overhead}", args.overhead)
-    pipe = mini_tgate.load_pipeline(folder, device=device, dtype=dtype)
-    if args.compile:
-        pipe.compile()
-    adaptive = mini_tgate.AdaptiveTGate(tolerance=0)
-    gates = {"AdaptiveTGate(tolerance=0)": adaptive, f"TGate({adaptive.max_gate_step}, 5, 1, 2)":
-             adaptive.fixed(adaptive.max_gate_step)}
-    z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
-    seconds = {name: [] for name in gates}
-    for repeat in range(args.repeats + 1):  # the first round warms up (and compiles)
-        for name, gate in gates.items():
-            out = pipe(PROMPTS_SD, num_inference_steps=args.steps, latents=z, tgate=gate, output_type="latent",
-                       height=args.size, width=args.size)
-            if repeat:
-                seconds[name].append(out.timings["denoise"])
-    base = statistics.median(seconds[list(gates)[1]])
-    print(f"{args.overhead} {args.size} px, {args.steps} steps, {args.device} {args.dtype}"
-          f"{' compiled' if args.compile else ''}: denoising, median of {args.repeats}")
-    for name, times in seconds.items():
-        print(f"  {name}: {statistics.median(times):.3f} s ({statistics.median(times) / base - 1:+.1%})")
-
-
 def main():
     p = parser(__doc__)
-    p.add_argument("--check-only", action="store_true", help="only the pipeline check and timing (step 3)")
     p.add_argument("--cache", type=Path, help="a folder for each configuration's results (resumable; shared by "
                    "several processes run at once)")
     p.add_argument("--fill-cache", action="store_true", help="with --cache: compute what is missing, then stop")
-    p.add_argument("--overhead", choices=["small", "sd15"], help="only time the statistic on a random-weight "
-                   "SD-1.5 topology (small: 1/5 of the channels); with --device, --dtype, --size, --repeats, --compile")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true")
     args = p.parse_args()
-    if args.overhead:
-        torch.set_num_threads(args.threads)
-        return overhead(args)
     torch.set_num_threads(args.threads)
     pipe = mini_tgate.load_pipeline(args.model)
     pipe(["a red circle on a blue background"], num_inference_steps=2)  # warm-up
-    n_check, check_seed = 24, SPLITS["test"]["seeds"][0]
-    if args.check_only:  # the class's defaults
-        print("\n".join(check_lines(*check_pipeline(pipe, SPLITS["test"]["prompts"][:n_check], check_seed, args.steps,
-                                                    args.guidance, mini_tgate.AdaptiveTGate()), n_check, check_seed)))
-        return
-
     macs = {v: {m: mini_tgate.count_macs(pipe.unet.config, 64, 64, args.steps, args.guidance,
                                          TGate(gate_step=m, **kw))["unet_macs"] for m in FIXED_M}
             for v, kw in VARIANTS.items()}
@@ -326,12 +239,6 @@ def main():
                  f"{9 * stat_elements / 1e6:.2f} M per image over the whole planning phase of a 15-step gate, "
                  f"{9 * stat_elements / ca_macs:.3%} of that run's UNet MACs; memory: one more copy of the CA "
                  "outputs (the previous step's).")
-    # 3. The shipped implementation against the simulation, and the statistic's cost in time.
-    gate = mini_tgate.AdaptiveTGate(tol0, lo, hi)  # the paper's self-attention gating: the second variant
-    simulated = [decide(c, tol0, lo, hi) for c in changes[list(VARIANTS)[1]][0][:n_check]]
-    chosen, seconds = check_pipeline(pipe, SPLITS["test"]["prompts"][:n_check], check_seed, args.steps,
-                                     args.guidance, gate)
-    lines += check_lines(chosen, seconds, n_check, check_seed, simulated)
     table = "\n".join(lines)
     print(table)
     args.docs.mkdir(exist_ok=True)
