@@ -14,8 +14,9 @@ matters little early and a lot later. So denoising is split at the gate step m:
 
 `plan()` below is a pure function from the parameters to what every attention layer does at
 each step; it reproduces `tgate_scheduler` of the authors' `tgate` 1.0.0 package step for step.
-The pipeline hands each step's `StepPlan` to `UNet2DConditionModel.set_gate`, which sets the
-`gate` of every `Attention` module (attention.py, the only place that acts on it).
+The pipeline hands each step's `StepPlan` to the denoiser's `set_gate` (attention.set_gate for
+PixArt's transformer; the UNet adds DeepCache's split), which sets the `gate` of every
+`Attention` module (attention.py, the only place that acts on it).
 
 With `DeepCache` (below) the plan also says which steps run the whole UNet and which only its
 shallow branch; the UNet keeps the deep feature like an attention keeps its output. Together

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, clear_gate
 from .checkpoint import PretrainedMixin
 from .config import UNetConfig
 from .tgate import CACHE, COMPUTE, REUSE, StepPlan
@@ -386,5 +386,4 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
     def clear_gate(self) -> None:
         """Back to plain computation, caches freed: called when a generation ends."""
         self.deep, self.branch, self.deep_feature = COMPUTE, None, None
-        for m in self.attention_modules():
-            m.gate, m.cache = COMPUTE, None
+        clear_gate(self)  # attention.clear_gate: every attention layer computes, its cache freed
