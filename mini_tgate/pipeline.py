@@ -210,8 +210,9 @@ class DiffusionPipeline:
     def compile(self, mode: str | None = None) -> "DiffusionPipeline":
         """torch.compile the hot path in place: the denoiser (fullgraph, channels_last) and the VAE
         decoder. The gate is a Python string per attention module, so a TGATE run compiles one
-        graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2), and
-        none again on later calls (tests/test_compile.py counts them).
+        graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2) (eight
+        with DeepCache(3, 0): full and shallow steps differ), and none again on later calls
+        (tests/test_compile.py counts them).
 
         CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: a replay may overwrite
         the outputs of the previous one, and the attention caches are such outputs."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, clear_gate
+from .attention import Attention, clear_gate, set_gate
 from .checkpoint import PretrainedMixin
 from .config import UNetConfig
 from .tgate import CACHE, COMPUTE, REUSE, StepPlan
@@ -377,11 +377,13 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
 
     def set_gate(self, step: StepPlan) -> None:
         """Tell every attention layer what to do at this step (tgate.plan gives the steps), and,
-        with DeepCache, whether the deep part runs (its attention layers follow deep_self_attn)."""
+        with DeepCache, whether the deep part runs (its self-attention layers follow deep_self_attn)."""
         self.deep, self.branch = step.deep, step.branch
-        deep = {id(m) for m in self.deep_attention_modules(step.branch)} if step.branch is not None else set()
-        for m in self.attention_modules():
-            m.gate = step.cross_attn if m.is_cross else step.deep_self_attn if id(m) in deep else step.self_attn
+        set_gate(self, step)  # attention.set_gate: cross- and self-attention layers as the plan says
+        if step.branch is not None and step.deep_self_attn != step.self_attn:
+            for m in self.deep_attention_modules(step.branch):
+                if not m.is_cross:
+                    m.gate = step.deep_self_attn
 
     def clear_gate(self) -> None:
         """Back to plain computation, caches freed: called when a generation ends."""

@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 
 from mini_tgate.config import UNetConfig, VAEConfig
 from mini_tgate.schedulers import EulerDiscreteScheduler
-from mini_tgate.tgate import TGate, plan
+from mini_tgate.tgate import DeepCache, TGate, plan
 from mini_tgate.unet import UNet2DConditionModel
 from mini_tgate.vae import AutoencoderKL
 from test_unet import TINY, unet_inputs
@@ -127,6 +127,27 @@ def test_tgate_run_compiles_one_graph_per_phase(name, backend):
         assert len(set(gated) | set(other)) == 6
         err = max(err, denoise(unet, other, inputs, eager))
         assert graphs() == 6
+    assert err <= TOL, err
+
+
+def test_deepcache_tgate_run_compiles_one_graph_per_distinct_step():
+    """DeepCache + TGATE: full and shallow steps are different graphs, one per distinct step plan
+    (8 for 25 steps of TGate(10, 5, 1, 2) with DeepCache(3, 0)), none on a rerun; the deep feature
+    a full step keeps is a graph output like an attention cache, read back by the shallow steps."""
+    eager = small_unet("sd1")
+    unet = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, dynamic=False)  # inductor, as pipe.compile() does
+    inputs = unet_inputs("sd1", 2, torch.Generator().manual_seed(1))
+    steps = plan(TGate(10, 5, 1, 2), 25, cfg=True, deepcache=DeepCache(3, 0))
+    assert len(set(steps)) == 8 and sum(s.deep == "reuse" for s in steps) == 16
+    with torch.inference_mode():
+        err = denoise(unet, steps, inputs, eager)
+        assert graphs() == 8
+        denoise(unet, steps, inputs)  # the same generation again: nothing to compile
+        denoise(unet, plan(TGate(10, 5, 1, 2), 16, cfg=True, deepcache=DeepCache(3, 0)), inputs)
+        assert graphs() == 8
     assert err <= TOL, err
 
 
