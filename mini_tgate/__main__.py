@@ -408,7 +408,7 @@ def generate_command(args) -> None:
             if negatives is not None:
                 p["negative_prompt"] = negatives[i]
             if "deepcache" in options:
-                p["deepcache"] = vars(options["deepcache"])  # kept in the JSON chunk
+                p["deepcache"] = options["deepcache"]
             if init_image is not None:  # the file's name only, never a local path
                 p.update(image=Path(args.image).name, strength=args.strength or pipe.default_strength)
             if args.compare:
@@ -479,10 +479,10 @@ def batch_command(args) -> None:
         info = pipe.model_info
         hash_ = batch.broadcast(model_hash(info["folder"], args.variant) if rank == 0 else None, world)
         sampler, schedule_type = a1111_names(pipe.scheduler)
+        deepcache = {"deepcache": call["deepcache"]} if "deepcache" in call else {}  # both folders run it
         png_params = dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
                           scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
-                          model_hash=hash_, model_revision=info.get("revision"), dtype=dtype)
-        deepcache = {"deepcache": call["deepcache"]} if "deepcache" in call else {}  # both folders run it
+                          model_hash=hash_, model_revision=info.get("revision"), dtype=dtype, **deepcache)
         macs = {gate: count_macs(pipe.denoiser.config, call["height"], call["width"], args.steps, call["guidance_scale"],
                                  gate, **deepcache)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
         if rank == 0:

@@ -315,6 +315,8 @@ def format_parameters(params: dict) -> dict[str, str]:
       sampler         A1111's sampler name ("DPM++ 2M", "Euler a"); default: from `scheduler`
       schedule_type   A1111's "Schedule type" ("Karras", "Automatic", ...)
       tgate           a TGate, a dict of gate_step, sp_interval, fi_interval, warm_up, or None
+      deepcache       a DeepCache, a dict of interval, branch, or None
+      strength        img2img's strength (A1111's "Denoising strength")
       model           a short name ("tiny-shapes", "org/repo"); an absolute path keeps its last part
       model_hash      A1111's short hash (10 hex digits), model_revision: the hub commit
       batch_size, batch_pos   written (A1111's "Batch size", "Batch pos") when batch_size > 1
@@ -322,12 +324,13 @@ def format_parameters(params: dict) -> dict[str, str]:
       dtype           a torch.dtype or its name; version: default this package's
     Returns {"parameters": AUTOMATIC1111's text, "mini_tgate": the same as JSON}. The last line of
     `parameters` is "Key: value, Key: value, ..." in A1111's order, our keys after theirs; each
-    TGATE number is a key of its own ("TGATE gate step: 10, ..."), so readers that split the
+    TGATE (and DeepCache) number is a key of its own ("TGATE gate step: 10, ..."), so readers that split the
     line at every "," and ":" (sd-parsers does) keep every value whole."""
     p = dict(params)
     p.setdefault("version", _version())
-    if dataclasses.is_dataclass(p.get("tgate")):
-        p["tgate"] = dataclasses.asdict(p["tgate"])
+    for key in ("tgate", "deepcache"):
+        if dataclasses.is_dataclass(p.get(key)):
+            p[key] = dataclasses.asdict(p[key])
     if p.get("dtype") is not None:
         p["dtype"] = str(p["dtype"]).removeprefix("torch.")
     if p.get("model") is not None:
@@ -344,7 +347,9 @@ def format_parameters(params: dict) -> dict[str, str]:
         "Model": p.get("model"),
         "Batch size": p["batch_size"] if batch else None,
         "Batch pos": p.get("batch_pos") if batch else None,
+        "Denoising strength": p.get("strength"),
         **{f"TGATE {k.replace('_', ' ')}": v for k, v in (p.get("tgate") or {}).items()},
+        **{f"DeepCache {k}": v for k, v in (p.get("deepcache") or {}).items()},
         "Model revision": p.get("model_revision"),
         "Dtype": p.get("dtype"),
         "Version": f"mini_tgate {p['version']}",

@@ -226,25 +226,3 @@ def test_macs_command_takes_deepcache_options(capsys):
     assert abs(result["unet_macs"] / 57.888e12 - 1) < 0.005
     assert main(["macs", "--deepcache-branch", "1"]) == 1
     assert capsys.readouterr().err.strip() == "error: --deepcache-branch needs --deepcache-interval"
-
-
-def test_compiled_unet_one_graph_per_plan_entry():
-    """25 steps of DeepCache(3, 1) + TGate(10, 5, 1, 2) through dynamo (fullgraph): one graph per
-    distinct step plan (8: full and shallow steps differ), none again on a rerun; eager's outputs."""
-    from torch._dynamo.utils import counters
-    from test_compile import TOL, denoise, graphs, small_unet
-    from test_unet import unet_inputs
-
-    eager = small_unet("sd1")
-    unet = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    counters.clear()
-    unet.compile(fullgraph=True, dynamic=False, backend="eager")
-    steps = plan(TGate(10, 5, 1, 2), 25, True, DeepCache(3, 1))
-    inputs = unet_inputs("sd1", 2, torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        err = denoise(unet, steps, inputs, eager)
-        assert graphs() == len(set(steps)) == 8
-        denoise(unet, steps, inputs)
-        assert graphs() == 8
-    assert err <= TOL, err

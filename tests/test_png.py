@@ -207,6 +207,9 @@ def test_format_parameters_dataclass_gate_and_no_gate():
     text = format_parameters({"prompt": "a cat", "tgate": None, "model": "org/repo"})
     assert "TGATE" not in text["parameters"] and "Model: org/repo," in text["parameters"]
     assert json.loads(text["mini_tgate"])["tgate"] is None
+    from mini_tgate import DeepCache
+    j = json.loads(format_parameters({**PARAMS, "deepcache": DeepCache(3, 1)})["mini_tgate"])
+    assert j["deepcache"] == {"interval": 3, "branch": 1}
 
 
 A1111 = dict(prompt="a cat, oil painting", negative_prompt="blurry, lowres", seed=42, steps=20,
@@ -242,6 +245,9 @@ def test_parameters_survive_a_naive_a1111_splitter():
     ({"model": "C:\\models\\sd15\\"}, "Model: sd15, Batch size"),
     ({"model": "org/repo", "tgate": None}, "Model: org/repo, Batch size: 4, Batch pos: 2, Model revision"),
     ({"model": "my:model, v2"}, 'Model: "my:model, v2", Batch'),  # A1111's quoting, as A1111 does
+    ({"strength": 0.6, "deepcache": {"interval": 3, "branch": 0}},  # img2img, DeepCache
+     "Batch pos: 2, Denoising strength: 0.6, TGATE gate step: 10, TGATE sp interval: 5, TGATE fi interval: 1, "
+     "TGATE warm up: 2, DeepCache interval: 3, DeepCache branch: 0, Model revision"),
 ])
 def test_parameters_optional_keys(extra, line):
     text = format_parameters({**A1111, **extra})["parameters"].split("\n")[-1]
