@@ -170,17 +170,20 @@ def test_deepcache_with_tgate_matches_the_tgate_loaders(pipes, gate, interval, b
 
 
 def test_no_state_survives_a_call(pipes):
-    """The same image on every call; a plain call after DeepCache calls is a fresh pipeline's."""
+    """The same image on every call; a plain call after DeepCache calls is a fresh pipeline's.
+    The plan has a full step (3) whose deep self-attention was due to be reused from a shallow
+    step's cache and so computes: the case where tgate's loaders reuse the previous call's cache."""
     name, _, ours = pipes
     kw = dict(num_inference_steps=7, guidance_scale=7.5, latents=noise(3))
     plain = ours(PROMPT, **kw).images
-    dc = DeepCache(2, 1)
-    first = ours(PROMPT, deepcache=dc, tgate=TGate(4, 2, 1, 1), **kw).images
-    second = ours(PROMPT, deepcache=dc, tgate=TGate(4, 2, 1, 1), **kw).images
+    dc, gate = DeepCache(3, 1), TGate(5, 2, 1, 1)
+    assert [i for i, s in enumerate(plan(gate, 7, True, dc)) if s.deep != REUSE and s.deep_self_attn != s.self_attn] == [3]
+    first = ours(PROMPT, deepcache=dc, tgate=gate, **kw).images
+    second = ours(PROMPT, deepcache=dc, tgate=gate, **kw).images
     assert np.array_equal(first, second)
     other = ours(PROMPT, deepcache=DeepCache(3, 4), **dict(kw, latents=noise(4))).images
     assert np.array_equal(ours(PROMPT, **kw).images, plain)
-    assert np.array_equal(ours(PROMPT, deepcache=dc, tgate=TGate(4, 2, 1, 1), **kw).images, first)
+    assert np.array_equal(ours(PROMPT, deepcache=dc, tgate=gate, **kw).images, first)
     assert max_diff(other, plain) > 0
     unet = ours.unet
     assert unet.deep_feature is None and unet.deep == COMPUTE and unet.branch is None
