@@ -2,7 +2,7 @@
 
     python examples/make_default.py [FOLDER]      # default: weights/tiny-random
 
-A Stable Diffusion 1.x pipeline in miniature: the real CLIP vocabulary (weights/clip/), a
+A Stable Diffusion 1.x pipeline in miniature: the real CLIP vocabulary (mini_tgate/clip/), a
 2-layer text encoder 32 wide, a UNet with SD-1's topology (three cross-attention down blocks
 and a plain one, a cross-attention mid block, the mirror image going up) at 32 channels, a VAE
 with 4 levels (8x smaller latents, 4 channels) and SD-1.5's noise schedule with DDIM. The
@@ -57,7 +57,7 @@ def build(seed: int = 0) -> StableDiffusionPipeline:
         unet=init_weights(UNet2DConditionModel(UNET), g),
         vae=init_weights(AutoencoderKL(VAE), g),
         text_encoder=init_weights(CLIPTextModel(TEXT), g),
-        tokenizer=CLIPTokenizer.from_files(ROOT / "weights/clip/vocab.json", ROOT / "weights/clip/merges.txt"),
+        tokenizer=CLIPTokenizer.from_files(ROOT / "mini_tgate/clip/vocab.json", ROOT / "mini_tgate/clip/merges.txt"),
         scheduler=DDIMScheduler(**SCHEDULE))
 
 

@@ -273,7 +273,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    tokenizer = CLIPTokenizer.from_files(ROOT / "weights/clip/vocab.json", ROOT / "weights/clip/merges.txt")
+    tokenizer = CLIPTokenizer.from_files(ROOT / "mini_tgate/clip/vocab.json", ROOT / "mini_tgate/clip/merges.txt")
     final_vae = args.out / "vae_final.pt"
     if args.resume and final_vae.exists():
         vae = AutoencoderKL(VAE)

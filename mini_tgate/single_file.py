@@ -52,7 +52,7 @@ from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
 
 PRESETS = Path(__file__).resolve().parent / "presets"
-CLIP_VOCABULARY = Path(__file__).resolve().parent.parent / "weights" / "clip"
+CLIP_VOCABULARY = Path(__file__).resolve().parent / "clip"  # package data
 
 # Bounds on what a file may make us read. A real header is 100-400 KB (SDXL with an EMA copy:
 # ~6,000 tensors); the largest real files (SDXL in float32 with EMA) are ~14 GB.

@@ -18,7 +18,7 @@ OpenAI's original also runs `ftfy.fix_text` and `html.unescape` on the prompt; t
 tokenizer (and so every diffusers pipeline) does not, and neither does this one.
 
 A tokenizer folder holds `vocab.json` + `merges.txt` (+ `tokenizer_config.json`,
-`special_tokens_map.json`) or one `tokenizer.json`; `weights/clip/` has CLIP's vocabulary.
+`special_tokens_map.json`) or one `tokenizer.json`; `mini_tgate/clip/` has CLIP's vocabulary (package data).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class CLIPTokenizer:
 
     @classmethod
     def from_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, **kwargs) -> CLIPTokenizer:
-        """From a `vocab.json` and a `merges.txt`, e.g. `weights/clip/`; kwargs as `__init__`."""
+        """From a `vocab.json` and a `merges.txt`, e.g. `mini_tgate/clip/`; kwargs as `__init__`."""
         vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
         return cls(vocab, read_merges(Path(merges_txt)), **kwargs)
 

@@ -151,7 +151,7 @@ def test_pickle_weights_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- hub downloads
 
-CLIP = ROOT / "weights" / "clip"
+CLIP = ROOT / "mini_tgate" / "clip"
 
 # A repo whose UNet has diffusers-style fp16 shards, whose text encoder has transformers-style
 # ones, and whose VAE has no fp16 file at all.

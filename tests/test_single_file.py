@@ -209,7 +209,7 @@ def test_same_images_as_diffusers_from_single_file_and_the_folder(tiny, tmp_path
         assert a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
-    # configs only: the tokenizers come from the project's CLIP vocabulary (weights/clip)
+    # configs only: the tokenizers come from the project's CLIP vocabulary (mini_tgate/clip)
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("tokenizer*", "*.safetensors"))
     ours = single_file.load_single_file(path, config=configs)

@@ -1,4 +1,4 @@
-"""CLIPTokenizer against transformers' CLIPTokenizer, on CLIP's real vocabulary (weights/clip/)."""
+"""CLIPTokenizer against transformers' CLIPTokenizer, on CLIP's real vocabulary (mini_tgate/clip/)."""
 
 import json
 import random
@@ -13,7 +13,7 @@ from mini_tgate.tokenizer import CLIPTokenizer
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
-VOCAB = ROOT / "weights" / "clip"
+VOCAB = ROOT / "mini_tgate" / "clip"
 BPE_GZ = Path("/work/shared/data/bpe_simple_vocab_16e6.txt.gz")
 
 
@@ -127,7 +127,7 @@ def test_subfolder(folders, tmp_path):
 
 @pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
 def test_from_files(pad_token):
-    """Straight from weights/clip/, as transformers' CLIPTokenizer(vocab, merges, pad_token=...)."""
+    """Straight from mini_tgate/clip/, as transformers' CLIPTokenizer(vocab, merges, pad_token=...)."""
     tok = CLIPTokenizer.from_files(VOCAB / "vocab.json", VOCAB / "merges.txt", pad_token=pad_token)
     ref = transformers.CLIPTokenizer(vocab=str(VOCAB / "vocab.json"), merges=str(VOCAB / "merges.txt"),
                                      pad_token=pad_token, model_max_length=77)

@@ -1,5 +1,5 @@
 """Tiny random-weight SD / SDXL / LCM checkpoints built with diffusers and transformers and saved
-in the real diffusers layout, with the real CLIP vocabulary (weights/clip)."""
+in the real diffusers layout, with the real CLIP vocabulary (mini_tgate/clip)."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, St
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-CLIP = Path(__file__).resolve().parent.parent / "weights" / "clip"
+CLIP = Path(__file__).resolve().parent.parent / "mini_tgate" / "clip"
 
 
 def perturb(model, seed):

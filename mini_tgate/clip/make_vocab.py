@@ -1,6 +1,6 @@
 """Derive CLIP's `vocab.json` and `merges.txt` from OpenAI's `bpe_simple_vocab_16e6.txt.gz`.
 
-    python weights/clip/make_vocab.py path/to/bpe_simple_vocab_16e6.txt.gz [out_dir]
+    python mini_tgate/clip/make_vocab.py path/to/bpe_simple_vocab_16e6.txt.gz [out_dir]
 
 The result is the vocabulary every Stable Diffusion `tokenizer/` folder ships
 (49,408 tokens, 48,894 merges). The derivation follows OpenAI's `clip/simple_tokenizer.py`:
