@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import batch
+from .batch import EXTRA_NETWORK, untagged
 from .checkpoint import CheckpointError, is_repo_id, model_hash
 from .config import ConfigError
 from .image import read_image
@@ -134,6 +135,9 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a LoRA (a .safetensors file, a folder or hub repo id holding one; diffusers or "
                         "kohya/A1111 format) scaled by SCALE (default 1); repeat it for several")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="the folder of A1111's prompt tags <lora:NAME> and <lora:NAME:MULTIPLIER>: each tag is "
+                        "removed from the prompt and DIR/NAME.safetensors merged, as --lora would")
     p.add_argument("--compile", action="store_true", help="torch.compile the pipeline's hot path")
     p.add_argument("--compare", action="store_true",
                    help="also run without the gate (same seed); save [no gate | TGATE | difference]")
@@ -262,6 +266,8 @@ def check_options(args) -> None:
     for path, _ in loras_from(args):  # a typo is found before the model loads, not minutes after
         if not Path(path).expanduser().exists() and not is_repo_id(path):
             raise ValueError(f"--lora {path}: no such file or folder (and not a hub repo id 'org/name')")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir}: no such folder")
 
 
 def loras_from(args) -> list[tuple[str, float]]:
@@ -280,11 +286,64 @@ def loras_from(args) -> list[tuple[str, float]]:
     return loras
 
 
-def load_from_options(args, device: torch.device, dtype: torch.dtype):
-    """The pipeline generate's options ask for (shared with `batch`)."""
+def prompt_tags(prompt: str, negative: str | None) -> list[tuple[str, float]]:
+    """The LoRAs that A1111's extra-network tags in a prompt and its negative name, as (NAME,
+    MULTIPLIER) in order. The tags are A1111's (modules/extra_networks.py): `<KIND:ARGS>` with
+    KIND a word and ARGS anything but '>' split at ':', so NAME may hold spaces and dots, not ':';
+    only KIND "lora" with one or two ARGS is taken. A NAME tagged twice is merged twice, both
+    times at its last tag's multiplier, as A1111 does (its load_networks keeps one object per
+    name, whose multiplier the last tag sets, and lists it once per tag)."""
+    tags = []
+    for m in [*EXTRA_NETWORK.finditer(prompt), *EXTRA_NETWORK.finditer(negative or "")]:
+        kind, args = m[1], m[2].split(":")
+        if kind != "lora":
+            raise ValueError(f"{m[0]}: <{kind}:...> extra networks are not supported, only <lora:NAME[:MULTIPLIER]>")
+        if len(args) > 2:
+            raise ValueError(f"{m[0]}: separate text encoder and UNet multipliers are not supported; "
+                             "write <lora:NAME> or <lora:NAME:MULTIPLIER>")
+        try:
+            scale = float(args[1]) if len(args) == 2 else 1.0
+        except ValueError:
+            raise ValueError(f"{m[0]}: the multiplier {args[1]!r} is not a number") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"{m[0]}: the multiplier must be a finite number")
+        tags.append((args[0], scale))
+    last = dict(tags)
+    return [(name, last[name]) for name, _ in tags]
+
+
+def tag_loras(prompts: list[tuple[str, str | None]], lora_dir: str | None, where) -> list[tuple[str, float]]:
+    """The LoRA files (DIR/NAME.safetensors, multiplier) that the tags of (prompt, negative)
+    pairs name; every pair must name the same ones in the same order (one model state a run; the
+    order of the merges decides the last bits). `where(i)` names pair i in messages."""
+    def shown(tags):
+        return " ".join(f"<lora:{name}:{scale:g}>" for name, scale in tags) or "none"
+
+    first = prompt_tags(*prompts[0])
+    for i, pair in enumerate(prompts[1:], 1):
+        if (tags := prompt_tags(*pair)) != first:
+            raise ValueError(f"{where(i)} names other LoRAs than {where(0)} ({shown(tags)}, not {shown(first)}): "
+                             "the weights are merged once a run, so every prompt must name the same; run them apart")
+    loras = []
+    for name, scale in first:
+        tag = f"<lora:{name}>"
+        if lora_dir is None:
+            raise ValueError(f"{tag}: LoRA tags need --lora-dir, the folder of their NAME.safetensors files")
+        if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{tag}: a tag names a file in --lora-dir (no absolute path, no '..')")
+        path = Path(lora_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{tag}: no file {str(path)!r}")
+        loras.append((str(path), scale))
+    return loras
+
+
+def load_from_options(args, device: torch.device, dtype: torch.dtype, tagged: list[tuple[str, float]] = ()):
+    """The pipeline generate's options ask for (shared with `batch`), with the LoRAs of the
+    prompts' tags merged after --lora's."""
     pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
                          prediction_type=args.prediction_type)
-    for path, scale in loras_from(args):
+    for path, scale in loras_from(args) + list(tagged):
         pipe.load_lora_weights(path, scale=scale)
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
@@ -339,6 +398,9 @@ def generate_command(args) -> None:
         raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
                          "(give one for all prompts, or one per prompt)")
     check_options(args)
+    pairs = [(prompt, args.negative[min(k, len(args.negative) - 1)] if args.negative else None)
+             for k, prompt in enumerate(args.prompt)]
+    tagged = tag_loras(pairs, args.lora_dir, lambda k: f"prompt {k + 1}")
     init_image = image_option(args)  # img2img's starting image (not `image`: the loop below names its outputs so)
     n_images = len(args.prompt) * args.num_images
     if not 1 <= args.num_images or n_images > MAX_IMAGES:
@@ -355,7 +417,7 @@ def generate_command(args) -> None:
     print(f"seed {seed}" + (f" (images get {seed} to {seed + n_images - 1})" if n_images > 1 else "")
           + (": random; rerun with --seed to get the same" if args.seed == -1 else ""))
 
-    pipe = load_from_options(args, device, dtype)
+    pipe = load_from_options(args, device, dtype, tagged)
     load_time = time.perf_counter() - start
     print(f"loaded {args.model} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) on {device} "
           f"in {str(dtype).removeprefix('torch.')}: {load_time:.1f} s")
@@ -364,8 +426,8 @@ def generate_command(args) -> None:
     info = pipe.model_info
     model = dict(model=info["name"], model_hash=model_hash(info["folder"], args.variant),
                  model_revision=info.get("revision"))
-    if args.lora:  # kept in the PNG's JSON
-        model["loras"] = [{"lora": path, "scale": scale} for path, scale in loras_from(args)]
+    if loras := loras_from(args) + tagged:  # kept in the PNG's JSON
+        model["loras"] = [{"lora": path, "scale": scale} for path, scale in loras]
     sampler, schedule_type = a1111_names(pipe.scheduler)
 
     options = call_options(args, pipe)
@@ -379,8 +441,9 @@ def generate_command(args) -> None:
     negatives = None if not args.negative else [args.negative[min(i // args.num_images, len(args.negative) - 1)]
                                                 for i in range(n_images)]
 
-    def run(tgate, batch):
-        return pipe([prompts[i] for i in batch], negative_prompt=None if negatives is None else [negatives[i] for i in batch],
+    def run(tgate, batch):  # the PNGs keep the LoRA tags; the text encoder reads the text without them (A1111)
+        return pipe([untagged(prompts[i]) for i in batch],
+                    negative_prompt=None if negatives is None else [untagged(negatives[i]) for i in batch],
                     **options, generator=[torch.Generator(device="cpu").manual_seed(seed + i) for i in batch],
                     tgate=tgate, progress=True)
 
@@ -463,7 +526,7 @@ def batch_command(args) -> None:
     every rank: rank 0 says them, the others exit quietly."""
     rank, world = batch.distributed()
     try:
-        job, pending, device, dtype, threads = prepare_batch(args, rank, world)
+        job, pending, device, dtype, threads, tagged = prepare_batch(args, rank, world)
     except ERRORS:
         if rank != 0:
             sys.exit(1)
@@ -474,22 +537,24 @@ def batch_command(args) -> None:
         start = time.perf_counter()
         if threads is not None:
             torch.set_num_threads(threads)
-        pipe = load_from_options(args, device, dtype)
+        pipe = load_from_options(args, device, dtype, tagged)
         call = call_options(args, pipe)
         info = pipe.model_info
         hash_ = batch.broadcast(model_hash(info["folder"], args.variant) if rank == 0 else None, world)
         sampler, schedule_type = a1111_names(pipe.scheduler)
         deepcache = {"deepcache": call["deepcache"]} if "deepcache" in call else {}  # both folders run it
+        loras = [{"lora": path, "scale": scale} for path, scale in loras_from(args) + tagged]
         png_params = dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
                           scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
-                          model_hash=hash_, model_revision=info.get("revision"), dtype=dtype, **deepcache)
+                          model_hash=hash_, model_revision=info.get("revision"), dtype=dtype, **deepcache,
+                          **({"loras": loras} if loras else {}))
         macs = {gate: count_macs(pipe.denoiser.config, call["height"], call["width"], args.steps, call["guidance_scale"],
                                  gate, **deepcache)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
         if rank == 0:
             print(f"loaded {args.model} ({type(pipe).__name__}) on {device} in {str(dtype).removeprefix('torch.')}: "
                   f"{time.perf_counter() - start:.1f} s; {len(job.images)} images, {already} there already, "
                   f"{len(pending)} batches of up to {job.batch_size} to make on {world} process(es)", file=sys.stderr)
-        checker = batch.shapes_checker([image.prompt for image in job.images]) if args.compare_tgate else None
+        checker = batch.shapes_checker([untagged(image.prompt) for image in job.images]) if args.compare_tgate else None
         stats = batch.run_batches(job, pipe, pending, call, png_params, rank, world, checker, macs,
                                   batch.Progress(len(job.images), already) if rank == 0 else None)
     if rank == 0:
@@ -531,14 +596,18 @@ def prepare_batch(args, rank: int, world: int):
         raise ValueError(f"--out {args.out}: batch writes into a folder (PNGs named by id, and manifest.jsonl); name one")
     check_writable(out)
     lines = batch.read_prompts(args.prompts)
+    negative = args.negative[0] if args.negative else None
+    tagged = tag_loras([(line.prompt, negative if line.negative is None else line.negative) for line in lines],
+                       args.lora_dir, lambda k: f"{Path(args.prompts).name} line {lines[k].number}")
     if world > len(lines):
         raise ValueError(f"{world} processes for {len(lines)} prompt(s): start at most {len(lines)}")
     folders = ({"": (out, gate)} if not args.compare_tgate
                else {"no-tgate": (out / "no-tgate", None), "tgate": (out / "tgate", gate)})
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model  # a local folder, wherever called from
     options = {k: v for k, v in vars(args).items() if k not in NOT_PIXELS}
-    options.update(model=str(model), device=device.type, threads=threads)
-    negative = args.negative[0] if args.negative else None
+    # the tags are in the prompts, which each record holds; the folder they name, wherever called from
+    options.update(model=str(model), device=device.type, threads=threads,
+                   lora_dir=args.lora_dir and str(Path(args.lora_dir).resolve()))
 
     def job(seed):
         return batch.Job(batch.job_images(lines, args.num_images, seed, negative), folders,
@@ -554,7 +623,7 @@ def prepare_batch(args, rank: int, world: int):
     seed, pending = batch.broadcast(plan() if rank == 0 else None, world)
     if pending is None:
         raise ValueError(seed)
-    return job(seed), pending, device, dtype, threads
+    return job(seed), pending, device, dtype, threads, tagged
 
 
 # ----------------------------------------------------------------------------- info, macs

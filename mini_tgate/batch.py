@@ -71,6 +71,7 @@ ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name: no "/", no l
 JSONL_KEYS = ("prompt", "negative", "seed", "id")
 MANIFEST = "manifest.jsonl"
 PART = re.compile(r"\.manifest-[0-9a-f]{8}\.jsonl")
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's prompt tag <lora:NAME:MULTIPLIER> (__main__.prompt_tags)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class Image:
 
 
 # ----------------------------------------------------------------------------- the prompt file
+
+def untagged(text: str) -> str:
+    """A prompt as the text encoder reads it: without its <lora:...> tags, as A1111 removes them."""
+    return EXTRA_NETWORK.sub("", text)
+
 
 def read_prompts(path) -> list[Line]:
     """The prompts of a text file (one a line; blank lines skipped) or, for a name ending in
@@ -413,8 +419,9 @@ def run_batches(job: Job, pipe, pending: list[int], call_options: dict, png_para
 def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_params: dict, parts: dict,
                rank: int, checker, macs: dict) -> int:
     """One batch in every folder (the same seeds): PNGs first, then the records. Returns its image count."""
-    prompts = [image.prompt for image in batch]
-    negatives = None if all(image.negative is None for image in batch) else [image.negative or "" for image in batch]
+    prompts = [untagged(image.prompt) for image in batch]  # the records and PNGs keep the tags
+    negatives = None if all(image.negative is None for image in batch) else [untagged(image.negative or "")
+                                                                              for image in batch]
     made = {}
     for name, (folder, gate) in job.folders.items():
         out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call_options,
@@ -444,7 +451,7 @@ def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_param
                 plain = made["no-tgate"][0][pos]
                 record["mean_abs_diff_to_no_tgate"] = float(np.abs(pixels.astype(np.int16) - plain).mean())
             if checker is not None:
-                record["adherence"] = checker(pixels, image.prompt)
+                record["adherence"] = checker(pixels, prompts[pos])
             records.append(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         f = parts[name]
         f.write("".join(records))
