@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from .checkpoint import PICKLE_SUFFIXES, CheckpointError, is_network_error, is_r
 
 # The largest LoRAs in use (SDXL, rank 256) are under 2 GB; a file over 4 GiB is refused unread.
 MAX_LORA_BYTES = 4 * 2**30
+MAX_LORA_TENSORS = 20_000     # an SDXL LoRA of every layer, kohya's: ~3,000
+MAX_METADATA_BYTES = 2**20    # diffusers' lora_adapter_metadata: a LoraConfig per model, kilobytes
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
 # The models a LoRA may touch, by the prefix its keys carry.
@@ -103,8 +106,9 @@ def read_lora(source, weight_name: str | None = None, local_files_only: bool = F
     id (the file `weight_name` of it, default `pytorch_lora_weights.safetensors`), or a dict of
     tensors already in memory. Pickle files are refused: unpickling runs code."""
     if isinstance(source, dict):
-        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in source.items()):
-            raise TypeError("a LoRA state dict must map names (str) to tensors")
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
+                   for k, v in source.items()):
+            raise TypeError("a LoRA state dict must map names (str) to dense tensors holding data")
         return LoraFile("the given state dict", dict(source), None)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError("a LoRA must be a file, folder or hub repo id (or a dict of tensors), "
@@ -164,12 +168,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
                               "a LoRA may have")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
+            if len(f.keys()) > MAX_LORA_TENSORS:
+                raise CheckpointError(f"{path}: {len(f.keys())} tensors, more than a LoRA holds (limit {MAX_LORA_TENSORS})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             header = f.metadata() or {}
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     metadata = None
     if "lora_adapter_metadata" in header:
+        if len(header["lora_adapter_metadata"]) > MAX_METADATA_BYTES:
+            raise CheckpointError(f"{path}: its lora_adapter_metadata is {len(header['lora_adapter_metadata'])} "
+                                  f"characters, over the {MAX_METADATA_BYTES} a LoRA's config takes")
         try:
             metadata = json.loads(header["lora_adapter_metadata"])
         except (json.JSONDecodeError, RecursionError) as e:
@@ -307,6 +318,14 @@ def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]
             for (model_name, path), group in groups.items()]
 
 
+def finite(x) -> bool:
+    """A real number, not a bool, finite as a float (a Python int may be too large for one)."""
+    try:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int, where: str) -> float:
     """alpha as PEFT reads it from diffusers' saved LoraConfig: alpha_pattern's entry for the
     layer (its full name or a dotted suffix of it), else lora_alpha; use_rslora makes the factor
@@ -327,7 +346,7 @@ def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int, whe
             raise CheckpointError(f"{where}: alpha_pattern {p!r}: regular expressions are not supported, "
                                   "only layer names")
     alpha = next((a for p, a in patterns.items() if path == p or path.endswith("." + p)), get("lora_alpha", rank))
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not finite(alpha):
         raise CheckpointError(f"{where}: alpha must be a finite number, got {alpha!r}")
     if get("use_rslora", False):
         alpha = alpha * math.sqrt(rank)  # PEFT's rsLoRA factor alpha / sqrt(rank) = (alpha * sqrt(rank)) / rank
@@ -339,12 +358,14 @@ def checked_layer(lora: LoraFile, model_name: str, path: str, weight: torch.Tens
     if "down" not in group or "up" not in group:
         missing = "down (lora_A / lora_down)" if "down" not in group else "up (lora_B / lora_up)"
         raise CheckpointError(f"{where} has no LoRA {missing} weight")
-    down, up = group["down"], group["up"]
+    for role in ("down", "up"):
+        if not group[role].is_floating_point():
+            raise CheckpointError(f"{where}: the LoRA {role} weight is {group[role].dtype}, not floating point")
+    # float32, as the delta is computed (float8 has no isfinite; float64 may not fit)
+    down, up = group["down"].float(), group["up"].float()
     for t, role in ((down, "down"), (up, "up")):
-        if not t.is_floating_point():
-            raise CheckpointError(f"{where}: the LoRA {role} weight is {t.dtype}, not floating point")
         if not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: the LoRA {role} weight contains NaN or inf")
+            raise CheckpointError(f"{where}: the LoRA {role} weight contains NaN or inf (in float32)")
     rank = down.shape[0] if down.ndim else 0
     out, kernel = weight.shape[0], tuple(weight.shape[1:])  # (in,) or (in, kh, kw)
     if tuple(down.shape) != (rank, *kernel) or tuple(up.shape) != (out, rank) + (1,) * (weight.ndim - 2):
@@ -358,8 +379,11 @@ def checked_layer(lora: LoraFile, model_name: str, path: str, weight: torch.Tens
     alpha = group.get("alpha")
     if alpha is None:
         alpha = peft_alpha(lora.metadata, model_name, path, rank, where)
-    elif alpha.numel() != 1 or not math.isfinite(alpha := alpha.item()):
-        raise CheckpointError(f"{where}: alpha must be one finite number, got {alpha!r}")
+    elif alpha.numel() != 1 or not math.isfinite(alpha.item()):
+        raise CheckpointError(f"{where}: alpha must be one finite number, got a tensor of shape {tuple(alpha.shape)}"
+                              + (f" holding {alpha.item()}" if alpha.numel() == 1 else ""))
+    else:
+        alpha = alpha.item()
     return LoraLayer(model_name, path, down, up, float(alpha))
 
 
@@ -372,9 +396,12 @@ def lora_models(pipe) -> dict[str, nn.Module]:
 
 def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = None) -> str:
     """Merge a LoRA into the pipeline's weights; returns its adapter name. Everything is checked
-    before the first weight changes. The caller holds the pipeline's call lock."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    before the first weight changes; a merged weight that is not finite (a scale or alpha too
+    large for the weight's dtype) undoes the layers merged before it. The caller holds the
+    pipeline's call lock."""
+    if not finite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r:.40}")
+    scale = float(scale)
     adapters = vars(pipe).setdefault("lora_adapters", {})    # name -> (source, scale), in load order
     originals = vars(pipe).setdefault("lora_originals", {})  # (model, path) -> the weight before any LoRA
     if adapter_name is None:
@@ -387,14 +414,27 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
     models = lora_models(pipe)
     layers = lora_layers(lora, models)
     modules = {name: dict(model.named_modules()) for name, model in models.items()}
-    with torch.no_grad():
-        for layer in layers:
-            weight = modules[layer.model][layer.path].weight
-            originals.setdefault((layer.model, layer.path), weight.detach().to("cpu", copy=True))
-            rank = layer.down.shape[0]
-            delta = layer.up.flatten(1).float() @ layer.down.flatten(1).float()  # (out, in * kh * kw)
-            delta = (scale * layer.alpha / rank) * delta.view(weight.shape).to(weight.device)
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+    merged = []  # ((model, path), weight, its value before this LoRA on the CPU): to undo on failure
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = modules[layer.model][layer.path].weight
+                rank = layer.down.shape[0]
+                delta = layer.up.flatten(1) @ layer.down.flatten(1)  # (out, in * kh * kw), float32
+                delta = (scale * layer.alpha / rank) * delta.view(weight.shape).to(weight.device)
+                new = (weight.float() + delta).to(weight.dtype)
+                if not torch.isfinite(new).all():
+                    raise CheckpointError(f"{lora.name}: {layer.model}.{layer.path}: merged with scale {scale} and alpha "
+                                          f"{layer.alpha}, the weight is no longer finite in {weight.dtype}")
+                merged.append(((layer.model, layer.path), weight, weight.detach().to("cpu", copy=True)))
+                weight.copy_(new)
+    except BaseException:
+        with torch.no_grad():
+            for _, weight, before in merged:
+                weight.copy_(before)
+        raise
+    for key, _, before in merged:
+        originals.setdefault(key, before)
     adapters[adapter_name] = (lora.name, scale)
     return adapter_name
 
