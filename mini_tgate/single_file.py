@@ -36,6 +36,7 @@ Keys ignored on purpose (anything else the table does not use is an error naming
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -74,6 +75,10 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "denoiser.sigmas"}
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# bytes per element of the safetensors dtypes a checkpoint holds (weights; integer buffers)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 # ----------------------------------------------------------------------------- presets
 
@@ -115,8 +120,10 @@ def is_single_file(source) -> bool:
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """name -> shape of every tensor, from the safetensors header only, with bounds:
-    the header must be at most MAX_HEADER_BYTES, name at most MAX_TENSORS tensors, and each
-    tensor must lie inside the file."""
+    the header must be at most MAX_HEADER_BYTES and name at most MAX_TENSORS tensors, each
+    once. As the format's spec (and the safetensors library) demands, each tensor's byte range
+    holds exactly its shape times its dtype's size, and the ranges tile the data: no overlap,
+    no gap, nothing after the last."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: pickle-based checkpoints are refused because unpickling can execute "
                               "arbitrary code; convert it to .safetensors first")
@@ -133,7 +140,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             raise CheckpointError(f"{path}: not a safetensors file (header length {n}; a header is 2 bytes to "
                                   f"{MAX_HEADER_BYTES // 2**20} MiB and lies inside the file)")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=lambda pairs: unique(pairs, path))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):
@@ -141,36 +148,62 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     header.pop("__metadata__", None)
     if len(header) > MAX_TENSORS:
         raise CheckpointError(f"{path}: {len(header)} tensors, more than a checkpoint holds (limit {MAX_TENSORS})")
-    shapes = {}
+    shapes, ranges = {}, []
     for name, entry in header.items():
         try:
             shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end <= size - 8 - n
-        except (TypeError, KeyError, ValueError):
+            ok = len(name) <= 1000 and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and \
+                end - begin == math.prod(shape) * DTYPE_BYTES[entry["dtype"]]
+        except (TypeError, KeyError, ValueError, IndexError):
             ok = False
         if not ok:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r})")
+            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r}: needs a dtype "
+                                  f"({', '.join(DTYPE_BYTES)}), a shape and data_offsets that agree)")
         shapes[name] = shape
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            raise CheckpointError(f"{path}: not a safetensors file (tensor {name!r} at bytes {begin}-{end} "
+                                  f"{'overlaps another' if begin < position else f'leaves a gap from {position}'})")
+        position = end
+    if position != size - 8 - n:
+        raise CheckpointError(f"{path}: not a safetensors file (its tensors end at data byte {position}, the file's "
+                              f"data at {size - 8 - n}: {'truncated' if position > size - 8 - n else 'bytes left over'})")
     return shapes
 
 
-def detect_kind(keys) -> str:
-    """sd1, sd2 or sdxl, from the text encoders the file holds (the UNets differ in shapes only)."""
+def unique(pairs: list, path: Path) -> dict:
+    """A JSON object's dict, refusing a name given twice (json.loads would keep the last)."""
+    seen = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise CheckpointError(f"{path}: not a safetensors file (its header names {name!r} twice)")
+        seen.add(name)
+    return dict(pairs)
+
+
+def detect_kind(keys, name="the state dict") -> str:
+    """sd1, sd2 or sdxl, from the text encoders the file holds (the UNets differ in shapes only).
+    Errors say `name` and a few of the keys."""
     keys = set(keys)
+    some = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
     if not any(k.startswith(UNET) for k in keys) or not any(k.startswith(VAE) for k in keys):
-        raise CheckpointError("not a Stable Diffusion checkpoint in the LDM layout: no keys under "
-                              f"'{UNET}' (UNet) and '{VAE}' (VAE)")
+        raise CheckpointError(f"{name}: not a Stable Diffusion checkpoint in the LDM layout: no keys under "
+                              f"'{UNET}' (UNet) and '{VAE}' (VAE); it holds {some}")
     if any(k.startswith(SDXL_OPENCLIP) for k in keys) and any(k.startswith(SDXL_CLIP) for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        raise CheckpointError("an SDXL refiner checkpoint (one OpenCLIP text encoder); only SD 1.x, SD 2.x and "
-                              "SDXL base single files are supported")
+        raise CheckpointError(f"{name}: an SDXL refiner checkpoint (one OpenCLIP text encoder); only SD 1.x, SD 2.x "
+                              "and SDXL base single files are supported")
     if any(k.startswith(SD2_OPENCLIP) for k in keys):
         return "sd2"
     if any(k.startswith(SD1_CLIP) for k in keys):
         return "sd1"
-    raise CheckpointError("a single-file checkpoint without a known text encoder (expected "
-                          f"'{SD1_CLIP}', '{SD2_OPENCLIP}' or '{SDXL_CLIP}' + '{SDXL_OPENCLIP}' keys)")
+    other = ", ".join(sorted(k for k in keys if not k.startswith((UNET, VAE)))[:3])
+    raise CheckpointError(f"{name}: a single-file checkpoint without a known text encoder (expected "
+                          f"'{SD1_CLIP}', '{SD2_OPENCLIP}' or '{SDXL_CLIP}' + '{SDXL_OPENCLIP}' keys; "
+                          f"it has {other or 'only UNet and VAE keys'})")
 
 
 # ----------------------------------------------------------------------------- the renaming table
@@ -287,7 +320,7 @@ def ignored_keys(keys, kind: str) -> set[str]:
                or k.endswith((".position_ids", ".logit_scale"))}
     if kind == "sd2":  # the block after the penultimate layer, and the unused pooled projection
         blocks = f"{SD2_OPENCLIP}transformer.resblocks."
-        last = max(int(k[len(blocks):].split(".")[0]) for k in keys if k.startswith(blocks))
+        last = max((int(m[1]) for k in keys if (m := re.match(rf"{re.escape(blocks)}(\d+)\.", k))), default=None)
         ignored |= {k for k in keys if k.startswith(f"{blocks}{last}.")} | {f"{SD2_OPENCLIP}text_projection"}
     return ignored
 
@@ -300,7 +333,7 @@ def unet_layers_per_block(keys) -> int:
     return min(down) - 1 if down else max(blocks, default=0)
 
 
-def rename_table(keys, kind: str) -> dict[tuple[str, str], tuple[str, str]]:
+def rename_table(keys, kind: str, name="the state dict") -> dict[tuple[str, str], tuple[str, str]]:
     """(component, diffusers name) -> (key in the file, how to reshape it), for every tensor the
     pipeline's models take. Keys it cannot place raise a CheckpointError naming a few of them."""
     layers_per_block = unet_layers_per_block(keys)
@@ -331,18 +364,24 @@ def rename_table(keys, kind: str) -> dict[tuple[str, str], tuple[str, str]]:
             unknown.append(key)
             continue
         for component, new, how in names:
+            if (component, new) in table:  # e.g. a CLIP key with and without `text_model.`
+                raise CheckpointError(f"{name}: {table[component, new][0]} and {key} are both the {component}'s {new}")
             table[(component, new)] = (key, how)
     if unknown:
         more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise CheckpointError(f"{len(unknown)} keys of the {kind} checkpoint match no part of the pipeline: "
+        raise CheckpointError(f"{name}: {len(unknown)} keys of the {kind} checkpoint match no part of the pipeline: "
                               f"{', '.join(unknown[:5])}{more}")
     return table
 
 
-def reshape(t: torch.Tensor, how: str) -> torch.Tensor:
+def reshape(t: torch.Tensor, how: str, key: str) -> torch.Tensor:
     if how in ("q", "k", "v"):  # a third of the fused in_proj (q, k, v stacked along dim 0)
+        if t.ndim == 0 or t.shape[0] % 3:
+            raise CheckpointError(f"{key}: shape {tuple(t.shape)} is not a fused q/k/v projection (3 x width first)")
         return t.chunk(3, dim=0)["qkv".index(how)].clone()
     if how == "T":
+        if t.ndim != 2:
+            raise CheckpointError(f"{key}: shape {tuple(t.shape)} is not a projection matrix (2 dimensions)")
         return t.T.contiguous()
     if how == "1x1" and t.ndim == 4:  # (out, in, 1, 1) convolution as a (out, in) linear weight
         return t[:, :, 0, 0].contiguous()
@@ -355,14 +394,15 @@ def convert(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict]]:
     kind = detect_kind(state)
     parts: dict[str, dict] = {}
     for (component, new), (key, how) in rename_table(state, kind).items():
-        parts.setdefault(component, {})[new] = reshape(state[key], how)
+        parts.setdefault(component, {})[new] = reshape(state[key], how, key)
     return kind, parts
 
 
 # ----------------------------------------------------------------------------- loading
 
 def build(model_class, config, state: dict, path: Path, component: str):
-    """A model of `config` filled strictly with `state` (diffusers names)."""
+    """A model of `config` on the meta device, once `state` (diffusers names; meta tensors will
+    do: only shapes are compared) names exactly its tensors with their shapes."""
     with torch.device("meta"):
         model = model_class(config)
     expected = model.state_dict()
@@ -374,8 +414,7 @@ def build(model_class, config, state: dict, path: Path, component: str):
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{path}: its {component} does not fit the {component} config "
                               f"({len(problems)} problems: {', '.join(problems[:5])}{more})")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.requires_grad_(False).eval()
+    return model
 
 
 def folder_configs(folder: Path, kind: str) -> dict:
@@ -435,10 +474,10 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
     path = Path(path).expanduser()
     shapes = read_shapes(path)
-    kind = detect_kind(shapes)
-    channels = shapes.get(f"{UNET}input_blocks.0.0.weight", (0, 4))[1]
-    if channels != 4:  # the latents (4) plus a masked image and mask (9) or an input image (8)
-        raise CheckpointError(f"{path}: its UNet takes {channels} input channels (an inpainting or instruct-pix2pix "
+    kind = detect_kind(shapes, path)
+    conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight", ())  # other shapes than (out, in, 3, 3): refused later
+    if len(conv_in) == 4 and conv_in[1] != 4:  # the latents (4) plus a masked image and mask (9) or an input image (8)
+        raise CheckpointError(f"{path}: its UNet takes {conv_in[1]} input channels (an inpainting or instruct-pix2pix "
                               "model); only text-to-image models (4 channels) are supported")
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
     if pipeline_class is not None and cls is not pipeline_class:
@@ -453,7 +492,16 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
         source = "config=" if folder else f"the {kind} preset"
         raise CheckpointError(f"{path}: its UNet has {unet_layers_per_block(shapes)} layers per block, the unet "
                               f"config {unet_config.layers_per_block} ({source})")
-    table = rename_table(shapes, kind)
+    table = rename_table(shapes, kind, path)
+    # every shape checked against the models, built on the meta device, before a tensor is read
+    meta: dict[str, dict] = {}
+    for (component, new), (key, how) in table.items():
+        meta.setdefault(component, {})[new] = reshape(torch.empty(shapes[key], device="meta"), how, f"{path}: {key}")
+    classes = {"unet": (UNet2DConditionModel, unet_config), "vae": (AutoencoderKL, VAEConfig.from_dict(configs["vae"]))}
+    classes |= {name: (CLIPTextModel, CLIPTextConfig.from_dict(configs[name]))
+                for name in ("text_encoder", "text_encoder_2") if name in configs}
+    models = {name: build(model_class, config, meta.pop(name, {}), path, name)
+              for name, (model_class, config) in classes.items()}
 
     states: dict[str, dict] = {}
     with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor at a time
@@ -464,15 +512,14 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
                 if not tensor.is_floating_point():
                     raise CheckpointError(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; "
                                           "model weights must be floating point")
-            states.setdefault(component, {})[new] = reshape(tensor, how).to(device=device, dtype=dtype)
+            states.setdefault(component, {})[new] = reshape(tensor, how, key).to(device=device, dtype=dtype)
         del tensor
-
-    unet = build(UNet2DConditionModel, unet_config, states.pop("unet", {}), path, "unet")
-    vae = build(AutoencoderKL, VAEConfig.from_dict(configs["vae"]), states.pop("vae", {}), path, "vae")
+    for name, model in models.items():
+        model.load_state_dict(states.pop(name, {}), strict=True, assign=True)
+        model.requires_grad_(False).eval()
+    unet, vae, encoders = models.pop("unet"), models.pop("vae"), models
     if vae.needs_upcast:
         vae.float()
-    encoders = {name: build(CLIPTextModel, CLIPTextConfig.from_dict(configs[name]), states.pop(name, {}), path, name)
-                for name in ("text_encoder", "text_encoder_2") if name in configs}
     scheduler = scheduler_from_config(configs["scheduler"])
     if cls is StableDiffusionXLPipeline:
         pipe = StableDiffusionXLPipeline(

@@ -394,7 +394,7 @@ def test_offsets_outside_the_file(tmp_path):
     header = json.dumps({"model.diffusion_model.out.2.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     path = tmp_path / "model.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
-    with pytest.raises(CheckpointError, match="bad header entry"):
+    with pytest.raises(CheckpointError, match="truncated"):
         single_file.load_single_file(path)
 
 
@@ -488,3 +488,136 @@ def test_cli_generates_from_a_single_file(tiny, presets_of, tmp_path, capsys):
     rc = main(["generate", "a cat", "--model", str(folder), "--prediction-type", "epsilon", "--out", str(tmp_path / "b.png")])
     out, err = capsys.readouterr()
     assert rc == 1 and err.startswith("error: ") and len(err.splitlines()) == 1 and "single-file" in err
+
+
+# ----------------------------------------------------------------------------- misuse: headers against the spec
+
+def write_raw(path, header_text: str, data: bytes):
+    header = header_text.encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+def entry(dtype, shape, begin, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+A, B = "model.diffusion_model.out.2.bias", "first_stage_model.quant_conv.bias"
+SPEC_BREAKING = {  # name -> (header, data bytes, what the error must say)
+    "dtype size disagrees": (json.dumps({A: entry("F16", [4], 0, 16)}), 16, f"bad header entry for '{A}'"),
+    "overlapping": (json.dumps({A: entry("F32", [4], 0, 16), B: entry("F32", [4], 0, 16)}), 16, "overlaps another"),
+    "gap": (json.dumps({A: entry("F32", [2], 8, 16)}), 16, f"'{A}' at bytes 8-16 leaves a gap from 0"),
+    "bytes left over": (json.dumps({A: entry("F32", [2], 0, 8)}), 16, "bytes left over"),
+    "truncated": (json.dumps({A: entry("F32", [4], 0, 16)}), 8, "truncated"),
+    "unknown dtype": (json.dumps({A: entry("X9", [2], 0, 8)}), 8, f"bad header entry for '{A}'"),
+    "shape overflowing": (json.dumps({A: entry("F32", [2**62, 2**62], 0, 8)}), 8, f"bad header entry for '{A}'"),
+    "duplicate key": (f'{{"{A}": {json.dumps(entry("F32", [2], 0, 8))}, "{A}": {json.dumps(entry("F32", [2], 8, 16))}}}',
+                      16, f"names '{A}' twice"),
+}
+
+
+@pytest.mark.parametrize("case", SPEC_BREAKING)
+def test_headers_the_safetensors_library_refuses_are_refused_by_name(tmp_path, case):
+    """Each header breaks the format's spec: the safetensors library itself refuses it. Ours
+    refuses it from the header alone, in one line naming the file (and the tensor)."""
+    from safetensors import safe_open
+    header, size, message = SPEC_BREAKING[case]
+    path = write_raw(tmp_path / "model.safetensors", header, bytes(size))
+    with pytest.raises(Exception, match="Error while deserializing header"):
+        with safe_open(path, framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(CheckpointError) as e:
+        single_file.load_single_file(path)
+    assert str(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def rewrite_header(path, out, change):
+    """A copy of a safetensors file whose header `change` edits (the data bytes as they were)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    change(header)
+    return write_raw(out, json.dumps(header), raw[8 + n:])
+
+
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+def test_a_real_file_whose_header_lies_about_a_dtype(tiny, tmp_path):
+    """F32 bytes declared F16: safetensors would raise its own error while reading; ours names the tensor first."""
+    kind, folder, path = tiny
+    key = "first_stage_model.decoder.conv_out.weight"
+    bad = rewrite_header(path, tmp_path / "bad.safetensors", lambda h: h[key].update(dtype="F16"))
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: not a safetensors file .bad header entry for '{key}'"):
+        single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("tiny", ["sd2"], indirect=True)
+@pytest.mark.parametrize("suffix, shape, message", [("weight", lambda w: (2, w), r"shape \(2, 32\) is not a fused q/k/v"),
+                                                    ("bias", lambda w: (), r"shape \(\) is not a fused q/k/v"),
+                                                    ("weight", lambda w: (3 * w + 3, w), r"file \(33, 32\) vs model \(32, 32\)")])
+def test_sd2_in_proj_of_the_wrong_shape_is_named_before_reading(tiny, tmp_path, suffix, shape, message):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    key = f"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_{suffix}"
+    state[key] = torch.zeros(shape(state[key].shape[-1]))
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match=message) as e:
+        single_file.load_single_file(bad, config=folder)
+    assert "bad.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tiny", ["sd2"], indirect=True)
+def test_sd2_resblock_key_without_a_number_is_named(tiny, tmp_path):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    state["cond_stage_model.model.transformer.resblocks.x.weight"] = torch.zeros(2)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match="bad.safetensors: 1 keys of the sd2 checkpoint match no part.*resblocks.x.weight"):
+        single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+def test_conv_in_of_the_wrong_rank_is_named(tiny, tmp_path):
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: its unet does not fit.*conv_in.weight: file \(4,\)"):
+        single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_unsupported_model_types_name_the_file_and_their_keys(tmp_path, model):
+    """SD3 and Flux files, by the keys diffusers recognises them by (CHECKPOINT_KEY_NAMES)."""
+    marker = reference.CHECKPOINT_KEY_NAMES[model][1]
+    assert marker.startswith("model.diffusion_model.")
+    extra = {"sd3": {"first_stage_model.decoder.conv_in.bias": torch.zeros(2),
+                     "text_encoders.clip_l.transformer.text_model.final_layer_norm.bias": torch.zeros(2)},
+             "flux": {"vae.decoder.conv_in.bias": torch.zeros(2)}}[model]
+    path = tmp_path / "model.safetensors"
+    save_file({marker: torch.zeros(2), **extra}, path)
+    with pytest.raises(CheckpointError) as e:
+        single_file.load_single_file(path)
+    message = str(e.value)
+    assert str(path) in message and "\n" not in message
+    assert (marker if model == "flux" else "text_encoders.clip_l.") in message
+
+
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+def test_two_keys_for_one_weight_are_refused(tiny, tmp_path):
+    """Old files name CLIP's tensors without `text_model.`; a file with both spellings is ambiguous."""
+    kind, folder, path = tiny
+    from safetensors.torch import load_file
+    state = load_file(path)
+    key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    state[key.replace("text_model.", "")] = state[key] + 1
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(CheckpointError, match="bad.safetensors: .*final_layer_norm.weight and .*final_layer_norm.weight "
+                                              "are both the text_encoder's text_model.final_layer_norm.weight"):
+        single_file.load_single_file(bad, config=folder)
