@@ -286,15 +286,16 @@ def loras_from(args) -> list[tuple[str, float]]:
     return loras
 
 
-def prompt_tags(prompt: str, negative: str | None) -> list[tuple[str, float]]:
-    """The LoRAs that A1111's extra-network tags in a prompt and its negative name, as (NAME,
-    MULTIPLIER) in order. The tags are A1111's (modules/extra_networks.py): `<KIND:ARGS>` with
+def prompt_tags(prompt: str) -> list[tuple[str, float]]:
+    """The LoRAs that A1111's extra-network tags in a prompt name, as (NAME, MULTIPLIER) in order.
+    Only prompts are read, as in A1111 (`parse_extra_network_prompts` reads the prompts alone): a
+    tag in a negative prompt is text like any other. The tags are A1111's (modules/extra_networks.py): `<KIND:ARGS>` with
     KIND a word and ARGS anything but '>' split at ':', so NAME may hold spaces and dots, not ':';
     only KIND "lora" with one or two ARGS is taken. A NAME tagged twice is merged twice, both
     times at its last tag's multiplier, as A1111 does (its load_networks keeps one object per
     name, whose multiplier the last tag sets, and lists it once per tag)."""
     tags = []
-    for m in [*EXTRA_NETWORK.finditer(prompt), *EXTRA_NETWORK.finditer(negative or "")]:
+    for m in EXTRA_NETWORK.finditer(prompt):
         kind, args = m[1], m[2].split(":")
         if kind != "lora":
             raise ValueError(f"{m[0]}: <{kind}:...> extra networks are not supported, only <lora:NAME[:MULTIPLIER]>")
@@ -312,16 +313,16 @@ def prompt_tags(prompt: str, negative: str | None) -> list[tuple[str, float]]:
     return [(name, last[name]) for name, _ in tags]
 
 
-def tag_loras(prompts: list[tuple[str, str | None]], lora_dir: str | None, where) -> list[tuple[str, float]]:
-    """The LoRA files (DIR/NAME.safetensors, multiplier) that the tags of (prompt, negative)
-    pairs name; every pair must name the same ones in the same order (one model state a run; the
-    order of the merges decides the last bits). `where(i)` names pair i in messages."""
+def tag_loras(prompts: list[str], lora_dir: str | None, where) -> list[tuple[str, float]]:
+    """The LoRA files (DIR/NAME.safetensors, multiplier) that the tags of the prompts name; every
+    prompt must name the same ones in the same order (one model state a run; the order of the
+    merges decides the last bits). `where(i)` names prompt i in messages."""
     def shown(tags):
         return " ".join(f"<lora:{name}:{scale:g}>" for name, scale in tags) or "none"
 
-    first = prompt_tags(*prompts[0])
-    for i, pair in enumerate(prompts[1:], 1):
-        if (tags := prompt_tags(*pair)) != first:
+    first = prompt_tags(prompts[0])
+    for i, prompt in enumerate(prompts[1:], 1):
+        if (tags := prompt_tags(prompt)) != first:
             raise ValueError(f"{where(i)} names other LoRAs than {where(0)} ({shown(tags)}, not {shown(first)}): "
                              "the weights are merged once a run, so every prompt must name the same; run them apart")
     loras = []
@@ -398,9 +399,7 @@ def generate_command(args) -> None:
         raise ValueError(f"{len(args.negative)} negative prompts for {len(args.prompt)} prompts "
                          "(give one for all prompts, or one per prompt)")
     check_options(args)
-    pairs = [(prompt, args.negative[min(k, len(args.negative) - 1)] if args.negative else None)
-             for k, prompt in enumerate(args.prompt)]
-    tagged = tag_loras(pairs, args.lora_dir, lambda k: f"prompt {k + 1}")
+    tagged = tag_loras(args.prompt, args.lora_dir, lambda k: f"prompt {k + 1}")
     init_image = image_option(args)  # img2img's starting image (not `image`: the loop below names its outputs so)
     n_images = len(args.prompt) * args.num_images
     if not 1 <= args.num_images or n_images > MAX_IMAGES:
@@ -443,7 +442,7 @@ def generate_command(args) -> None:
 
     def run(tgate, batch):  # the PNGs keep the LoRA tags; the text encoder reads the text without them (A1111)
         return pipe([untagged(prompts[i]) for i in batch],
-                    negative_prompt=None if negatives is None else [untagged(negatives[i]) for i in batch],
+                    negative_prompt=None if negatives is None else [negatives[i] for i in batch],
                     **options, generator=[torch.Generator(device="cpu").manual_seed(seed + i) for i in batch],
                     tgate=tgate, progress=True)
 
@@ -597,8 +596,8 @@ def prepare_batch(args, rank: int, world: int):
     check_writable(out)
     lines = batch.read_prompts(args.prompts)
     negative = args.negative[0] if args.negative else None
-    tagged = tag_loras([(line.prompt, negative if line.negative is None else line.negative) for line in lines],
-                       args.lora_dir, lambda k: f"{Path(args.prompts).name} line {lines[k].number}")
+    tagged = tag_loras([line.prompt for line in lines], args.lora_dir,
+                       lambda k: f"{Path(args.prompts).name} line {lines[k].number}")
     if world > len(lines):
         raise ValueError(f"{world} processes for {len(lines)} prompt(s): start at most {len(lines)}")
     folders = ({"": (out, gate)} if not args.compare_tgate

@@ -420,8 +420,7 @@ def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_param
                rank: int, checker, macs: dict) -> int:
     """One batch in every folder (the same seeds): PNGs first, then the records. Returns its image count."""
     prompts = [untagged(image.prompt) for image in batch]  # the records and PNGs keep the tags
-    negatives = None if all(image.negative is None for image in batch) else [untagged(image.negative or "")
-                                                                              for image in batch]
+    negatives = None if all(image.negative is None for image in batch) else [image.negative or "" for image in batch]
     made = {}
     for name, (folder, gate) in job.folders.items():
         out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call_options,

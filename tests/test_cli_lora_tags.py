@@ -4,7 +4,8 @@ DIR/NAME.safetensors:MULTIPLIER (which test_lora.py checks against diffusers), t
 tags in its prompt as A1111 writes it; the parsing follows A1111's modules/extra_networks.py
 (regex <(\\w+):([^>]+)>, arguments split at ':', multiplier 1 by default) and its
 extensions-builtin/Lora/networks.py (a name tagged twice is applied twice at its last multiplier);
-bad tags are one line on stderr before the model loads."""
+bad tags are one line on stderr before the model loads. As in A1111, only prompts are read for
+tags: in a negative prompt a tag is text."""
 
 import json
 
@@ -66,35 +67,40 @@ def generate(model, out, *args):
 # ----------------------------------------------------------------------------- parsing
 
 def test_tags_parsed_as_a1111_does():
-    assert prompt_tags(f"a <lora:{NAME}:0.5>, b <lora:other>", None) == [(NAME, 0.5), ("other", 1.0)]
-    assert prompt_tags("a", "blurry <lora:other:-1>") == [("other", -1.0)]  # the negative's tags count too
+    assert prompt_tags(f"a <lora:{NAME}:0.5>, b <lora:other:-1>") == [(NAME, 0.5), ("other", -1.0)]
+    assert prompt_tags("<lora:other>") == [("other", 1.0)]
     # A1111 lists a name once per tag, one object whose multiplier the last tag set: applied twice at 0.8
-    assert prompt_tags("<lora:a:0.2> x <lora:b> <lora:a:0.8>", None) == [("a", 0.8), ("b", 1.0), ("a", 0.8)]
+    assert prompt_tags("<lora:a:0.2> x <lora:b> <lora:a:0.8>") == [("a", 0.8), ("b", 1.0), ("a", 0.8)]
     # the tag goes, the text around it stays (A1111's re.sub(..., "", prompt))
     assert untagged(f"a cat, <lora:{NAME}:0.5>, blue") == "a cat, , blue"
     for plain in ["a < b", "i <3 cats", "<lora>", "<lora:", "< lora:x>", "a <b c:d>", "x <:y>"]:
-        assert prompt_tags(plain, plain) == [] and untagged(plain) == plain, plain
+        assert prompt_tags(plain) == [] and untagged(plain) == plain, plain
 
 
 # ----------------------------------------------------------------------------- generate
 
-@pytest.mark.parametrize("where", ["prompt", "negative"])
-def test_tag_makes_the_image_of_the_lora_option(model, lora_dir, tmp_path, capsys, where):
+def test_tag_makes_the_image_of_the_lora_option(model, lora_dir, tmp_path, capsys):
     tag, negative = f"<lora:{NAME}:0.7>", "blurry"
-    tagged = [f"{PROMPT} {tag}", "--negative", negative] if where == "prompt" else \
-        [PROMPT, "--negative", f"{tag} {negative}"]
-    got = generate(model, tmp_path / "tag.png", *tagged, "--lora-dir", str(lora_dir))
+    got = generate(model, tmp_path / "tag.png", f"{PROMPT} {tag}", "--negative", negative, "--lora-dir", str(lora_dir))
     want = generate(model, tmp_path / "option.png", PROMPT, "--negative", negative,
                     "--lora", f"{lora_dir / NAME}.safetensors:0.7")
     plain = generate(model, tmp_path / "plain.png", PROMPT, "--negative", negative)
     assert np.array_equal(got, want)
     assert np.abs(got.astype(int) - plain).max() > 10  # the LoRA does change the image
     text = read_png_text(tmp_path / "tag.png")
-    prompt, negative_line = text["parameters"].split("\n")[:2]
-    assert (prompt, negative_line) == ((tagged[0], f"Negative prompt: {negative}") if where == "prompt" else
-                                       (PROMPT, f"Negative prompt: {tag} {negative}"))
+    assert text["parameters"].split("\n")[:2] == [f"{PROMPT} {tag}", f"Negative prompt: {negative}"]
     params = json.loads(text["mini_tgate"])
     assert params["loras"] == [{"lora": f"{lora_dir / NAME}.safetensors", "scale": 0.7}]
+
+
+def test_a_tag_in_a_negative_prompt_is_text(model, lora_dir, tmp_path):
+    """A1111 reads extra-network tags from the prompts alone: in a negative prompt a tag merges
+    nothing and reaches the text encoder as it is, with or without --lora-dir."""
+    negative = f"<lora:{NAME}:0.7> blurry"
+    got = generate(model, tmp_path / "tag.png", PROMPT, "--negative", negative, "--lora-dir", str(lora_dir))
+    assert np.array_equal(got, generate(model, tmp_path / "plain.png", PROMPT, "--negative", negative))
+    assert not np.array_equal(got, generate(model, tmp_path / "stripped.png", PROMPT, "--negative", " blurry"))
+    assert "loras" not in json.loads(read_png_text(tmp_path / "tag.png")["mini_tgate"])
 
 
 def test_same_name_twice_is_merged_twice_at_the_last_multiplier(model, lora_dir, tmp_path):
@@ -132,14 +138,14 @@ def test_bad_tags_are_refused_before_loading(refused, lora_dir):
     assert "the multiplier 'x' is not a number" in refused("a <lora:other:x>")
     assert "separate text encoder and UNet multipliers" in refused("a <lora:other:0.5:1>")
     assert "<hypernet:...> extra networks are not supported" in refused("a <hypernet:agm:1.1>")
-    assert "<embedding:...> extra networks are not supported" in refused("a", "--negative", "<embedding:x>")
+    assert "<embedding:...> extra networks are not supported" in refused("a <embedding:x>")
     assert "--lora-dir nowhere: no such folder" in refused("a", "--lora-dir", "nowhere", lora_dir_option=False)
 
 
 def test_prompts_naming_other_loras_are_refused(refused):
     err = refused("a <lora:other:0.5>", "b <lora:other:0.6>")
     assert "prompt 2 names other LoRAs than prompt 1 (<lora:other:0.6>, not <lora:other:0.5>)" in err
-    err = refused("a <lora:other>", "b <lora:other>", "--negative", "x", "--negative", "y <lora:other>")
+    err = refused("a <lora:other>", "b <lora:other> <lora:other>")
     assert "prompt 2 names other LoRAs than prompt 1 (<lora:other:1> <lora:other:1>, not <lora:other:1>)" in err
     assert "prompt 2 names other LoRAs" in refused("a <lora:other>", "b")
 
@@ -174,7 +180,7 @@ def test_batch_tags_match_the_lora_option_and_reruns_check_them(model, lora_dir,
 def test_batch_lines_naming_other_loras_are_refused(lora_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "a <lora:other>"}\n\n{"prompt": "b <lora:other>", "negative": "<lora:other:2>"}\n')
+    path.write_text('{"prompt": "a <lora:other>"}\n\n{"prompt": "b <lora:other> <lora:other:2>", "negative": "<lora:x>"}\n')
     assert main(["batch", str(path), "--out", str(tmp_path / "o"), "--lora-dir", str(lora_dir)]) == 1
     err = capsys.readouterr().err
     assert "error: p.jsonl line 3 names other LoRAs than p.jsonl line 1 (<lora:other:2> <lora:other:2>, " \
