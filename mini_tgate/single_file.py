@@ -76,9 +76,10 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# bytes per element of the safetensors dtypes a checkpoint holds (weights; integer buffers)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# bytes per element of the safetensors dtypes a checkpoint holds: weights (floating point) and
+# integer buffers, all ignored (CLIP's position_ids: I64; model_ema.num_updates: I32)
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = FLOAT_DTYPES | {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 # ----------------------------------------------------------------------------- presets
 
@@ -118,8 +119,8 @@ def is_single_file(source) -> bool:
     return path.is_file() or (not path.is_dir() and path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES))
 
 
-def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor, from the safetensors header only, with bounds:
+def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """name -> shape and name -> dtype of every tensor, from the safetensors header only, with bounds:
     the header must be at most MAX_HEADER_BYTES and name at most MAX_TENSORS tensors, each
     once. As the format's spec (and the safetensors library) demands, each tensor's byte range
     holds exactly its shape times its dtype's size, and the ranges tile the data: no overlap,
@@ -148,7 +149,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     header.pop("__metadata__", None)
     if len(header) > MAX_TENSORS:
         raise CheckpointError(f"{path}: {len(header)} tensors, more than a checkpoint holds (limit {MAX_TENSORS})")
-    shapes, ranges = {}, []
+    shapes, dtypes, ranges = {}, {}, []
     for name, entry in header.items():
         try:
             shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
@@ -159,7 +160,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if not ok:
             raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r}: needs a dtype "
                                   f"({', '.join(DTYPE_BYTES)}), a shape and data_offsets that agree)")
-        shapes[name] = shape
+        shapes[name], dtypes[name] = shape, entry["dtype"]
         ranges.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(ranges):
@@ -170,7 +171,7 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if position != size - 8 - n:
         raise CheckpointError(f"{path}: not a safetensors file (its tensors end at data byte {position}, the file's "
                               f"data at {size - 8 - n}: {'truncated' if position > size - 8 - n else 'bytes left over'})")
-    return shapes
+    return shapes, dtypes
 
 
 def unique(pairs: list, path: Path) -> dict:
@@ -400,15 +401,16 @@ def convert(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict]]:
 
 # ----------------------------------------------------------------------------- loading
 
-def build(model_class, config, state: dict, path: Path, component: str):
+def build(model_class, config, state: dict, keys: dict[str, str], path: Path, component: str):
     """A model of `config` on the meta device, once `state` (diffusers names; meta tensors will
-    do: only shapes are compared) names exactly its tensors with their shapes."""
+    do: only shapes are compared) names exactly its tensors with their shapes. Errors name the
+    file's key of a tensor (`keys`: diffusers name -> key) and then the diffusers name."""
     with torch.device("meta"):
         model = model_class(config)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+    problems += [f"unexpected {keys[k]} ({k})" for k in state if k not in expected]
+    problems += [f"{keys[k]} ({k}): file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
@@ -473,7 +475,7 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
     path = Path(path).expanduser()
-    shapes = read_shapes(path)
+    shapes, dtypes = read_header(path)
     kind = detect_kind(shapes, path)
     conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight", ())  # other shapes than (out, in, 3, 3): refused later
     if len(conv_in) == 4 and conv_in[1] != 4:  # the latents (4) plus a masked image and mask (9) or an input image (8)
@@ -493,14 +495,18 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
         raise CheckpointError(f"{path}: its UNet has {unet_layers_per_block(shapes)} layers per block, the unet "
                               f"config {unet_config.layers_per_block} ({source})")
     table = rename_table(shapes, kind, path)
-    # every shape checked against the models, built on the meta device, before a tensor is read
+    # every dtype and shape checked against the models, built on the meta device, before a tensor is read
     meta: dict[str, dict] = {}
+    keys: dict[str, dict] = {}  # component -> diffusers name -> the file's key, for errors
     for (component, new), (key, how) in table.items():
+        if dtypes[key] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} is {dtypes[key]}; model weights must be floating point")
         meta.setdefault(component, {})[new] = reshape(torch.empty(shapes[key], device="meta"), how, f"{path}: {key}")
+        keys.setdefault(component, {})[new] = key
     classes = {"unet": (UNet2DConditionModel, unet_config), "vae": (AutoencoderKL, VAEConfig.from_dict(configs["vae"]))}
     classes |= {name: (CLIPTextModel, CLIPTextConfig.from_dict(configs[name]))
                 for name in ("text_encoder", "text_encoder_2") if name in configs}
-    models = {name: build(model_class, config, meta.pop(name, {}), path, name)
+    models = {name: build(model_class, config, meta.pop(name, {}), keys.get(name, {}), path, name)
               for name, (model_class, config) in classes.items()}
 
     states: dict[str, dict] = {}
@@ -509,9 +515,6 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
         for (component, new), (key, how) in table.items():
             if key != read:  # q, k and v come from the same fused tensor, read once
                 read, tensor = key, f.get_tensor(key)
-                if not tensor.is_floating_point():
-                    raise CheckpointError(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; "
-                                          "model weights must be floating point")
             states.setdefault(component, {})[new] = reshape(tensor, how, key).to(device=device, dtype=dtype)
         del tensor
     for name, model in models.items():

@@ -322,8 +322,8 @@ def test_a_config_that_does_not_fit_names_the_part_and_keys(tiny, tmp_path):
     shutil.copytree(folder, tmp_path / "config")
     config = json.loads((folder / "unet" / "config.json").read_text())
     (tmp_path / "config" / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 24}))
-    with pytest.raises(CheckpointError, match=r"its unet does not fit the unet config \(\d+ problems: .*attn2.to_k.weight: "
-                                              r"file \(\d+, \d+\) vs model"):
+    with pytest.raises(CheckpointError, match=r"its unet does not fit the unet config \(\d+ problems: .*model\.diffusion_model\."
+                                              r"\S+\.attn2\.to_k\.weight \(\S+\.attn2\.to_k\.weight\): file \(\d+, \d+\) vs model"):
         single_file.load_single_file(path, config=tmp_path / "config")
 
 
@@ -553,7 +553,9 @@ def test_a_real_file_whose_header_lies_about_a_dtype(tiny, tmp_path):
 @pytest.mark.parametrize("tiny", ["sd2"], indirect=True)
 @pytest.mark.parametrize("suffix, shape, message", [("weight", lambda w: (2, w), r"shape \(2, 32\) is not a fused q/k/v"),
                                                     ("bias", lambda w: (), r"shape \(\) is not a fused q/k/v"),
-                                                    ("weight", lambda w: (3 * w + 3, w), r"file \(33, 32\) vs model \(32, 32\)")])
+                                                    ("weight", lambda w: (3 * w + 3, w),
+                                                     r"resblocks\.0\.attn\.in_proj_weight \(text_model\.encoder\.layers"
+                                                     r"\.0\.self_attn\.\w_proj\.weight\): file \(33, 32\) vs model \(32, 32\)")])
 def test_sd2_in_proj_of_the_wrong_shape_is_named_before_reading(tiny, tmp_path, suffix, shape, message):
     kind, folder, path = tiny
     from safetensors.torch import load_file
@@ -587,7 +589,8 @@ def test_conv_in_of_the_wrong_rank_is_named(tiny, tmp_path):
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(4)
     bad = tmp_path / "bad.safetensors"
     save_file(state, bad)
-    with pytest.raises(CheckpointError, match=r"bad.safetensors: its unet does not fit.*conv_in.weight: file \(4,\)"):
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: its unet does not fit.*problems: "
+                                              r"model\.diffusion_model\.input_blocks\.0\.0\.weight \(conv_in\.weight\): file \(4,\)"):
         single_file.load_single_file(bad, config=folder)
 
 
@@ -621,3 +624,28 @@ def test_two_keys_for_one_weight_are_refused(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="bad.safetensors: .*final_layer_norm.weight and .*final_layer_norm.weight "
                                               "are both the text_encoder's text_model.final_layer_norm.weight"):
         single_file.load_single_file(bad, config=folder)
+
+
+@pytest.mark.parametrize("tiny", ["sd1"], indirect=True)
+@pytest.mark.parametrize("dtype, name", [(torch.int32, "I32"), (torch.bool, "BOOL")])
+def test_a_weight_that_is_not_floating_point_is_refused_before_reading(tiny, tmp_path, monkeypatch, dtype, name):
+    """From the header's dtype, naming the file's key, before a tensor is read. The integer
+    tensors real SD-1 files carry (CLIP's position_ids, int64; model_ema.num_updates, int32:
+    both in this file, which the tests above load) stay ignored: only the weight is named."""
+    import safetensors
+    from safetensors.torch import load_file
+    kind, folder, path = tiny
+    state = load_file(path)
+    assert state["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
+    assert state["model_ema.num_updates"].dtype == torch.int32
+    key = "first_stage_model.decoder.conv_out.weight"
+    state[key] = state[key].to(dtype)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a tensor was read")
+    monkeypatch.setattr(safetensors, "safe_open", no_reading)
+    with pytest.raises(CheckpointError) as e:
+        single_file.load_single_file(bad, config=folder)
+    assert str(e.value) == f"{bad}: tensor {key} is {name}; model weights must be floating point"
