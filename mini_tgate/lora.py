@@ -28,7 +28,8 @@ The formats met in the wild, all resolved here to (model, module path, down, up,
   (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`) ldm_unet_name derives from ours.
 
 Several LoRAs add up, each with its own scale; `pipe.lora_adapters` lists them (name -> (source,
-scale)) and `pipe.lora_originals` holds the saved weights, both kept by fuse / unfuse_all.
+scale)) and `pipe.lora_originals` holds the saved weights, each with (a weak reference to) the
+model it came from, both kept by fuse / unfuse_all.
 
 Every name is resolved against `dict(model.named_modules())`, the model's own truth (its module
 names equal diffusers' and transformers'). A key that resolves to nothing is an error that names
@@ -42,6 +43,7 @@ import math
 import numbers
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,13 +399,14 @@ def lora_models(pipe) -> dict[str, nn.Module]:
 def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = None) -> str:
     """Merge a LoRA into the pipeline's weights; returns its adapter name. Everything is checked
     before the first weight changes; a merged weight that is not finite (a scale or alpha too
-    large for the weight's dtype) undoes the layers merged before it. The caller holds the
-    pipeline's call lock."""
+    large for the weight's dtype) undoes the layers merged before it. Refused while a model a
+    loaded LoRA was merged into has been replaced (pipe.unet = other): unfuse_all first. The
+    caller holds the pipeline's call lock."""
     if not finite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r:.40}")
     scale = float(scale)
     adapters = vars(pipe).setdefault("lora_adapters", {})    # name -> (source, scale), in load order
-    originals = vars(pipe).setdefault("lora_originals", {})  # (model, path) -> the weight before any LoRA
+    originals = vars(pipe).setdefault("lora_originals", {})  # (model, path) -> (model, weight before any LoRA)
     if adapter_name is None:
         adapter_name = f"default_{len(adapters)}"  # diffusers' names
         while adapter_name in adapters:
@@ -412,6 +415,10 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
         raise ValueError(f"adapter_name {adapter_name!r} is already loaded (loaded: {', '.join(adapters)}); "
                          "choose another name or unload_lora_weights() first")
     models = lora_models(pipe)
+    replaced = sorted({name for (name, _), (model, _) in originals.items() if model() is not models.get(name)})
+    if replaced:
+        raise ValueError(f"pipe.{replaced[0]} was replaced after a LoRA was loaded ({', '.join(adapters)}); "
+                         "unload_lora_weights() before loading another")
     layers = lora_layers(lora, models)
     modules = {name: dict(model.named_modules()) for name, model in models.items()}
     merged = []  # ((model, path), weight, its value before this LoRA on the CPU): to undo on failure
@@ -433,20 +440,22 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
             for _, weight, before in merged:
                 weight.copy_(before)
         raise
-    for key, _, before in merged:
-        originals.setdefault(key, before)
+    for (name, path), _, before in merged:
+        originals.setdefault((name, path), (weakref.ref(models[name]), before))
     adapters[adapter_name] = (lora.name, scale)
     return adapter_name
 
 
 def unfuse_all(pipe) -> None:
     """Every LoRA-touched weight back to its original, bit for bit (into the weight's current
-    device and dtype, so after pipe.to(...) it equals the original moved the same way). The
-    caller holds the pipeline's call lock."""
+    device and dtype, so after pipe.to(...) it equals the original moved the same way), in the
+    model it was taken from. A model replaced since (pipe.unet = other) gets its weights back if
+    something still holds it; the model put in its place never had a LoRA merged here and is left
+    as it is, whatever layers it has. The caller holds the pipeline's call lock."""
     originals = vars(pipe).get("lora_originals", {})
-    modules = {name: dict(model.named_modules()) for name, model in lora_models(pipe).items()}
     with torch.no_grad():
-        for (model_name, path), original in originals.items():
-            modules[model_name][path].weight.copy_(original)
+        for (_, path), (model, original) in originals.items():
+            if (model := model()) is not None:  # None: a replaced model, since freed
+                model.get_submodule(path).weight.copy_(original)
     originals.clear()
     vars(pipe).get("lora_adapters", {}).clear()

@@ -2,6 +2,10 @@
 one line naming the file and the layer, and a refused LoRA leaves every parameter of the
 pipeline bit-equal to before, also when it fails after some of its layers merged."""
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -190,3 +194,74 @@ def test_loading_from_a_step_callback_is_refused_and_changes_nothing(sd):
     assert len(errors) == 1 and "called from inside one of its own calls" in errors[0]
     assert_unchanged(sd, before)
     assert sd.lora_adapters == {}
+
+
+LAYER_TE = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+
+
+def with_text_encoder(pipe):
+    """kohya([1] * 5) and one layer of the text encoder (PEFT names: `text_encoder.` + its path)."""
+    width = pipe.text_encoder.text_model.encoder.layers[0].self_attn.q_proj.weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    layer = "text_encoder." + LAYER_TE.removesuffix(".weight")
+    return {**kohya([1] * 5), f"{layer}.lora_A.weight": torch.randn(2, width, generator=g),
+            f"{layer}.lora_B.weight": torch.randn(width, 2, generator=g)}
+
+
+def another_unet(unet, lacks_the_layer):
+    """Another fine-tune of the same UNet, or one without the first layer the LoRA touches."""
+    new = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(1)
+    if lacks_the_layer:
+        del new.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    return new
+
+
+@pytest.mark.parametrize("lacks_the_layer", [False, True])
+def test_unload_after_the_unet_was_replaced(sd, monkeypatch, lacks_the_layer):
+    """The weights go back into the models they were taken from: the text encoder and the
+    replaced UNet (the caller still holds it); the new UNet never had the LoRA and stays as given."""
+    base = params(sd)
+    sd.load_lora_weights(with_text_encoder(sd))
+    assert not torch.equal(sd.text_encoder.state_dict()[LAYER_TE], base[f"text_encoder.{LAYER_TE}"])
+    new = another_unet(sd.unet, lacks_the_layer)
+    new_before = {k: v.clone() for k, v in new.state_dict().items()}
+    monkeypatch.setattr(sd, "unet", new)
+    sd.unload_lora_weights()
+    assert sd.lora_adapters == {} and sd.lora_originals == {}
+    after = new.state_dict()
+    assert [k for k in new_before if not torch.equal(after[k], new_before[k])] == []
+    monkeypatch.undo()
+    assert_unchanged(sd, base)
+
+
+def test_unload_after_the_replaced_unet_was_freed(sd, monkeypatch):
+    base = params(sd)
+    monkeypatch.setattr(sd, "unet", another_unet(sd.unet, False))
+    sd.load_lora_weights(with_text_encoder(sd))
+    new = another_unet(sd.unet, True)
+    new_before = {k: v.clone() for k, v in new.state_dict().items()}
+    merged_into = weakref.ref(sd.unet)
+    sd.unet = new
+    gc.collect()
+    assert merged_into() is None  # the UNet the LoRA was merged into is freed
+    sd.unload_lora_weights()
+    assert sd.lora_adapters == {} and sd.lora_originals == {}
+    after = new.state_dict()
+    assert [k for k in new_before if not torch.equal(after[k], new_before[k])] == []
+    assert torch.equal(sd.text_encoder.state_dict()[LAYER_TE], base[f"text_encoder.{LAYER_TE}"])
+
+
+def test_loading_after_a_model_was_replaced_asks_to_unload_first(sd, monkeypatch):
+    """The first LoRA's saved weights belong to the replaced UNet: the new one's would never be
+    saved, and a LoRA merged into it could not be taken out. Refused before anything changes."""
+    sd.load_lora_weights(kohya([1] * 5), adapter_name="first")
+    monkeypatch.setattr(sd, "unet", another_unet(sd.unet, False))
+    before = params(sd)
+    with pytest.raises(ValueError) as e:
+        sd.load_lora_weights(with_text_encoder(sd))
+    one_line_error(e, "pipe.unet was replaced after a LoRA was loaded (first)", "unload_lora_weights()")
+    assert_unchanged(sd, before)
+    assert list(sd.lora_adapters) == ["first"]
