@@ -14,6 +14,7 @@ code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -92,10 +93,9 @@ def deepcache_from(args) -> DeepCache | None:
 # ----------------------------------------------------------------------------- generate: options
 
 def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
-                         model: str | os.PathLike = DEFAULT_MODEL, prompt_argument: bool = True,
-                         img2img: bool = True) -> None:
+                         model: str | os.PathLike = DEFAULT_MODEL, prompt_argument: bool = True) -> None:
     """The options of `generate`; examples/sample.py passes a default prompt and model, `batch`
-    prompt_argument=False (its prompts come from a file) and img2img=False (no --image, --strength).
+    prompt_argument=False (its prompts come from a file).
     An option added here works in `batch` too when its effect is in check_options,
     load_from_options or call_options."""
     if prompt_argument and prompt is None:
@@ -122,11 +122,11 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--height", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the model's sample size x 8)")
     p.add_argument("--width", type=int, help=f"a multiple of 8 up to {MAX_SIDE} (default: the model's sample size x 8)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    if img2img:  # read and checked by image_option
-        p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
-                       "the images have its size, a multiple of 8 a side")
-        p.add_argument("--strength", type=float, help="img2img: how much of --image is redrawn, in (0, 1]: the "
-                       "last int(steps * strength) steps run (default: the pipeline's, 0.8 SD, 0.3 SDXL)")
+    # read and checked by image_option
+    p.add_argument("--image", metavar="PATH", help="img2img: start from this image file (read with Pillow); "
+                   "the images have its size, a multiple of 8 a side")
+    p.add_argument("--strength", type=float, help="img2img: how much of --image is redrawn, in (0, 1]: the "
+                   "last int(steps * strength) steps run (default: the pipeline's, 0.8 SD, 0.3 SDXL)")
     p.add_argument("--batch-size", type=int, default=1,
                    help=f"images denoised together, 1 to {MAX_BATCH} (default 1; more is faster on a GPU)")
     add_gate_options(p)
@@ -368,12 +368,13 @@ def call_options(args, pipe) -> dict:
                 **({} if deepcache is None else {"deepcache": deepcache}))
 
 
-def image_option(args) -> torch.Tensor | None:
-    """generate's --image, read (and --strength checked) before the model loads: the pixels or None."""
+def image_option(args, per_line: bool = False) -> torch.Tensor | None:
+    """--image, read (and --strength checked) before the model loads: the pixels or None.
+    per_line: batch's prompt file gives images too (--strength is theirs then)."""
     if args.strength is not None and not 0 < args.strength <= 1:
         raise ValueError(f"--strength {args.strength}: must be in (0, 1] (the share of --steps run)")
     if args.image is None:
-        if args.strength is not None:
+        if args.strength is not None and not per_line:
             raise ValueError("--strength is for img2img: give --image too")
         return None
     pixels = read_image(args.image, MAX_SIDE)
@@ -525,7 +526,7 @@ def batch_command(args) -> None:
     every rank: rank 0 says them, the others exit quietly."""
     rank, world = batch.distributed()
     try:
-        job, pending, device, dtype, threads, tagged = prepare_batch(args, rank, world)
+        job, pending, device, dtype, threads, tagged, init_image = prepare_batch(args, rank, world)
     except ERRORS:
         if rank != 0:
             sys.exit(1)
@@ -538,6 +539,8 @@ def batch_command(args) -> None:
             torch.set_num_threads(threads)
         pipe = load_from_options(args, device, dtype, tagged)
         call = call_options(args, pipe)
+        if init_image is not None:  # lines with their own image replace it (batch.make_batch)
+            call.update(image=init_image, height=init_image.shape[2], width=init_image.shape[3])
         info = pipe.model_info
         hash_ = batch.broadcast(model_hash(info["folder"], args.variant) if rank == 0 else None, world)
         sampler, schedule_type = a1111_names(pipe.scheduler)
@@ -546,9 +549,13 @@ def batch_command(args) -> None:
         png_params = dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
                           scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
                           model_hash=hash_, model_revision=info.get("revision"), dtype=dtype, **deepcache,
-                          **({"loras": loras} if loras else {}))
-        macs = {gate: count_macs(pipe.denoiser.config, call["height"], call["width"], args.steps, call["guidance_scale"],
-                                 gate, **deepcache)["denoiser_macs"] for gate in {None, *(g for _, g in job.folders.values())}}
+                          **({"loras": loras} if loras else {}),
+                          **({"image": Path(args.image).name} if args.image else {}))  # the name, never a path
+
+        @functools.cache
+        def macs(gate, height, width, steps):
+            return count_macs(pipe.denoiser.config, height, width, steps, call["guidance_scale"], gate,
+                              **deepcache)["denoiser_macs"]
         if rank == 0:
             print(f"loaded {args.model} ({type(pipe).__name__}) on {device} in {str(dtype).removeprefix('torch.')}: "
                   f"{time.perf_counter() - start:.1f} s; {len(job.images)} images, {already} there already, "
@@ -595,6 +602,7 @@ def prepare_batch(args, rank: int, world: int):
         raise ValueError(f"--out {args.out}: batch writes into a folder (PNGs named by id, and manifest.jsonl); name one")
     check_writable(out)
     lines = batch.read_prompts(args.prompts)
+    init_image = image_option(args, per_line=any(line.image is not None for line in lines))
     negative = args.negative[0] if args.negative else None
     tagged = tag_loras([line.prompt for line in lines], args.lora_dir,
                        lambda k: f"{Path(args.prompts).name} line {lines[k].number}")
@@ -603,26 +611,32 @@ def prepare_batch(args, rank: int, world: int):
     folders = ({"": (out, gate)} if not args.compare_tgate
                else {"no-tgate": (out / "no-tgate", None), "tgate": (out / "tgate", gate)})
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model  # a local folder, wherever called from
-    options = {k: v for k, v in vars(args).items() if k not in NOT_PIXELS}
+    options = {k: v for k, v in vars(args).items()  # a text job's options as before batch had img2img
+               if k not in NOT_PIXELS and not (k in ("image", "strength") and v is None)}
+    if args.image:  # the file, wherever called from, and its bytes: a file changed under a finished job is refused
+        options.update(image=str(Path(args.image).resolve()), image_sha256=batch.file_sha256(args.image))
     # the tags are in the prompts, which each record holds; the folder they name, wherever called from
     options.update(model=str(model), device=device.type, threads=threads,
                    lora_dir=args.lora_dir and str(Path(args.lora_dir).resolve()))
 
     def job(seed):
-        return batch.Job(batch.job_images(lines, args.num_images, seed, negative), folders,
+        return batch.Job(batch.job_images(lines, args.num_images, seed, negative, args.strength), folders,
                          {**options, "seed": seed}, args.batch_size)
 
     def plan():  # rank 0; an error is sent to every rank, as its message
         try:
             seed = batch.resolve_seed([folder for folder, _ in folders.values()], args.seed)
-            return seed, job(seed).plan()
+            planned = job(seed)
+            size = None if init_image is None else (init_image.shape[3], init_image.shape[2])
+            batch.check_img2img(planned, args.steps, size, args.height, args.width)
+            return seed, planned.plan()
         except ERRORS as e:
             return one_line(e), None
 
     seed, pending = batch.broadcast(plan() if rank == 0 else None, world)
     if pending is None:
         raise ValueError(seed)
-    return job(seed), pending, device, dtype, threads, tagged
+    return job(seed), pending, device, dtype, threads, tagged, init_image
 
 
 # ----------------------------------------------------------------------------- info, macs
@@ -689,8 +703,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("batch", help="a file of prompts to a folder of PNGs, on one process or many (torchrun)")
     p.add_argument("prompts", metavar="PROMPTS",
-                   help="a text file, one prompt a line, or a .jsonl file of {\"prompt\", \"negative\", \"seed\", \"id\"}")
-    add_generate_options(p, prompt_argument=False, img2img=False)
+                   help="a text file, one prompt a line, or a .jsonl file of {\"prompt\", \"negative\", \"seed\", "
+                        "\"id\", \"image\", \"strength\"}")
+    add_generate_options(p, prompt_argument=False)
     p.add_argument("--threads", type=int,
                    help="CPU threads per process (default 1; the images depend on it, bit for bit: for more "
                         "cores, start more processes with torchrun)")

@@ -4,10 +4,19 @@
     torchrun --nproc-per-node 2 -m mini_tgate batch prompts.txt --out images/ --steps 25 --batch-size 4
 
 The prompt file holds one prompt a line, or (a name ending in .jsonl) one JSON object a line:
-{"prompt": ..., "negative": ..., "seed": ..., "id": ...}, all but the prompt optional. Image j
+{"prompt": ..., "negative": ..., "seed": ..., "id": ..., "image": ..., "strength": ...}, all but the
+prompt optional. Image j
 of prompt k (of --num-images per prompt) is image i = k * num_images + j of the job; it is
 named by its id (the line's id, or k as 00000) and seeded with its line's seed + j, or the
 base --seed + i, from its own generator.
+
+img2img: --image PATH starts every line from that image (read once), or a line's "image" (a path,
+relative to the prompt file's folder) starts that line from its own; lines without one use
+--image, and without --image either every line has one or none does. A batch is one pipeline
+call, so the images of a batch must share a size and a strength. Every line's image is checked
+up front from its header (Pillow reads no pixels: about 20 us a file, 20 s for a million lines)
+and read when its batch runs. The records hold each image's SHA-256, so a file changed under
+finished images is refused like a changed prompt; --image's is part of the options.
 
 Why the files do not depend on the number of processes. A batch is not a sum of independent
 images at the level of bits: matrix kernels pick their blocking and reduction order by the
@@ -56,6 +65,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .image import read_image
+from .macs import MAX_SIDE
 from .png import format_parameters, read_png_text, save_png, to_uint8
 from .tgate import TGate
 
@@ -68,7 +79,8 @@ MAX_RECORD = 1 << 20             # bytes of one manifest line
 MAX_MANIFEST = 4 << 30           # bytes of one manifest or part file
 SEED_RANGE = 2**63               # torch.Generator.manual_seed takes any 64-bit value
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name: no "/", no leading "." (ours: temp and parts)
-JSONL_KEYS = ("prompt", "negative", "seed", "id")
+JSONL_KEYS = ("prompt", "negative", "seed", "id", "image", "strength")
+MAX_PATH = 4096                  # characters of a line's image path
 MANIFEST = "manifest.jsonl"
 PART = re.compile(r"\.manifest-[0-9a-f]{8}\.jsonl")
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's prompt tag <lora:NAME:MULTIPLIER> (__main__.prompt_tags)
@@ -82,6 +94,8 @@ class Line:
     negative: str | None = None
     seed: int | None = None  # None: the job's base seed + the image's index
     id: str | None = None    # None: the prompt's index, as 00000
+    image: str | None = None  # img2img: the image file (resolved), None: --image or text to image
+    strength: float | None = None  # None: --strength, else the pipeline's
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,8 @@ class Image:
     negative: str | None
     seed: int
     line: int
+    image: str | None = None     # img2img: the line's image file; None: --image (in the call's options) or none
+    strength: float | None = None  # img2img: the line's or --strength; None: the pipeline's
 
 
 # ----------------------------------------------------------------------------- the prompt file
@@ -117,6 +133,7 @@ def read_prompts(path) -> list[Line]:
         raise ValueError(f"the prompt file {str(path)!r} is larger than {MAX_PROMPT_FILE >> 20} MiB "
                          f"(this command's limit); split it")
     jsonl = path.suffix.lower() == ".jsonl"
+    folder = path.resolve().parent  # a line's image path is relative to the prompt file
     lines = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         where = f"{path.name} line {number}"
@@ -127,6 +144,8 @@ def read_prompts(path) -> list[Line]:
         if not text.strip():
             continue
         line = parse_jsonl(text, number, where) if jsonl else Line(number, text.strip())
+        if line.image is not None:
+            line = dataclasses.replace(line, image=str(folder / line.image))
         for what, value in (("prompt", line.prompt), ("negative prompt", line.negative or "")):
             if len(value) > MAX_PROMPT_CHARS:
                 raise ValueError(f"{where}: the {what} has {len(value)} characters, more than {MAX_PROMPT_CHARS}")
@@ -154,6 +173,7 @@ def parse_jsonl(text: str, number: int, where: str) -> Line:
     if not isinstance(entry.get("prompt"), str):
         raise ValueError(f"{where}: \"prompt\" must be given, as a string")
     negative, seed, id = entry.get("negative"), entry.get("seed"), entry.get("id")
+    image, strength = entry.get("image"), entry.get("strength")
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"{where}: \"negative\" must be a string")
     if seed is not None and (type(seed) is not int or not 0 <= seed < SEED_RANGE):
@@ -161,11 +181,17 @@ def parse_jsonl(text: str, number: int, where: str) -> Line:
     if id is not None and (not isinstance(id, str) or not ID.fullmatch(id)):
         raise ValueError(f"{where}: \"id\" must be 1-100 letters, digits, '_', '-' or '.', not starting "
                          f"with '.', '_' or '-' (it names the file), got {id!r}")
-    return Line(number, entry["prompt"], negative, seed, id)
+    if image is not None and (not isinstance(image, str) or not 0 < len(image) <= MAX_PATH or "\0" in image):
+        raise ValueError(f"{where}: \"image\" must be a file path (1 to {MAX_PATH} characters), got {image!r:.100}")
+    if strength is not None and (type(strength) not in (int, float) or not 0 < strength <= 1):
+        raise ValueError(f"{where}: \"strength\" must be a number in (0, 1], got {strength!r}")
+    return Line(number, entry["prompt"], negative, seed, id, image, strength)
 
 
-def job_images(lines: list[Line], num_images: int, base_seed: int, negative: str | None = None) -> list[Image]:
-    """The job's images, in order: num_images per line. `negative` is for lines without their own."""
+def job_images(lines: list[Line], num_images: int, base_seed: int, negative: str | None = None,
+               strength: float | None = None) -> list[Image]:
+    """The job's images, in order: num_images per line. `negative` and `strength` are for lines
+    without their own."""
     total = len(lines) * num_images
     if not 1 <= num_images or total > MAX_IMAGES:
         raise ValueError(f"--num-images {num_images}: from 1 to {MAX_IMAGES // len(lines):,} for "
@@ -184,8 +210,8 @@ def job_images(lines: list[Line], num_images: int, base_seed: int, negative: str
                                  "ids name the files and must be unique")
             taken[name.lower()] = line.number
             seed = base_seed + i if line.seed is None else line.seed + j
-            images.append(Image(name, line.prompt, line.negative if line.negative is not None else negative,
-                                seed, line.number))
+            images.append(Image(name, line.prompt, line.negative if line.negative is not None else negative, seed,
+                                line.number, line.image, line.strength if line.strength is not None else strength))
     return images
 
 
@@ -254,6 +280,11 @@ def folder_records(folder: Path) -> tuple[dict[str, dict], list[Path]]:
     return records, parts
 
 
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def options_hash(options: dict) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -292,7 +323,7 @@ class Job:
         """The indices of the batches still to do: those with an image whose PNG or record is
         missing in some folder. Refuses a folder whose images were made with other options or
         other prompts, and a file at an image's name that is not that image."""
-        done = [True] * len(self.batches)
+        done, digest = [True] * len(self.batches), functools.cache(file_sha256)
         for name, (folder, _) in self.folders.items():
             options = self.folder_options(name)
             records, _ = folder_records(folder)
@@ -304,11 +335,16 @@ class Job:
                             raise ValueError(f"{str(folder)!r} holds images made with other options: "
                                              f"{describe_options(record.get('options') or {}, options)}; rerun "
                                              "with the same options, or choose another --out")
-                        if (record.get("prompt"), record.get("negative_prompt"), record.get("seed")) != \
-                                (image.prompt, image.negative, image.seed):
+                        if (record.get("prompt"), record.get("negative_prompt"), record.get("seed"),
+                                record.get("image"), record.get("strength")) != \
+                                (image.prompt, image.negative, image.seed, image.image, image.strength):
                             raise ValueError(f"line {image.line} of the prompt file changed since {str(path)!r} "
-                                             f"was made (it was {record.get('prompt')!r}, seed {record.get('seed')}); "
-                                             "restore the file, or choose another --out")
+                                             f"was made (it was {record.get('prompt')!r}, seed {record.get('seed')}"
+                                             + (f", image {record['image']!r}" if record.get("image") else "")
+                                             + "); restore the file, or choose another --out")
+                        if image.image is not None and record.get("image_sha256") != digest(image.image):
+                            raise ValueError(f"the image file {image.image!r} of line {image.line} changed since "
+                                             f"{str(path)!r} was made from it; restore it, or choose another --out")
                     if not path.exists() and not path.is_symlink():
                         done[k] = False
                         continue
@@ -355,6 +391,60 @@ class Job:
                     tmp.unlink(missing_ok=True)
 
 
+def image_size(path: str, where: str) -> tuple[int, int]:
+    """(width, height) of an image file that img2img can take, from its header (no pixels decoded)."""
+    try:
+        from PIL import Image as PILImage
+    except ImportError:
+        raise ImportError(f"{where}: reading image files needs Pillow (pip install pillow)") from None
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device could block or never end
+            raise ValueError(f"{where}: the image file {path!r} is not a regular file")
+        with PILImage.open(path) as im:
+            w, h = im.size
+    except (OSError, PILImage.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{where}: cannot read the image file {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if max(w, h) > MAX_SIDE or w % 8 or h % 8:
+        raise ValueError(f"{where}: the image {path!r} is {w}x{h} pixels; img2img needs a width and height that "
+                         f"are multiples of 8, up to {MAX_SIDE}")
+    return w, h
+
+
+def check_img2img(job: Job, steps: int, size: tuple[int, int] | None, height: int | None = None,
+                  width: int | None = None) -> None:
+    """Before anything loads: every line's image file readable and of a size img2img takes (its
+    header only), all lines img2img or none, each strength running a step, and the images of one
+    batch (one pipeline call) of one size and strength. `size`: --image's (width, height), or None."""
+    sizes = {None: size}
+    for image in job.images:
+        where = f"line {image.line}"
+        if image.image not in sizes:
+            w, h = sizes[image.image] = image_size(image.image, where)
+            for name, want, got in (("height", height, h), ("width", width, w)):
+                if want is not None and want != got:
+                    raise ValueError(f"--{name} {want}: {where}'s image is {w}x{h} and img2img makes images of "
+                                     f"its image's size; drop --{name}")
+        if size is None and (image.image is None) != (job.images[0].image is None):
+            has, lacks = (job.images[0], image) if image.image is None else (image, job.images[0])
+            raise ValueError(f"line {has.line} has an \"image\" and line {lacks.line} has none: give every line "
+                             "one (or --image, for those without), or none")
+        if sizes[image.image] is None and image.strength is not None:
+            raise ValueError(f"{where}: \"strength\" is for img2img: give the line an \"image\" too, or --image")
+        if image.strength is not None and int(steps * image.strength) < 1:
+            raise ValueError(f"{where}: strength {image.strength} of --steps {steps} runs int({steps} * "
+                             f"{image.strength}) = 0 steps; give more steps or a higher strength")
+    if sizes[job.images[0].image] is None:
+        return  # text to image
+    for batch in job.batches:
+        kinds = {(sizes[image.image], image.strength): image for image in batch}
+        if len(kinds) > 1:
+            (a, first), (b, other) = list(kinds.items())[:2]
+            raise ValueError(f"lines {first.line} ({'x'.join(map(str, a[0]))}, strength {a[1] or 'default'}) and "
+                             f"{other.line} ({'x'.join(map(str, b[0]))}, strength {b[1] or 'default'}) fall in one "
+                             f"batch of --batch-size {job.batch_size}, one pipeline call: its images must share a "
+                             "size and a strength (order the lines so, or use --batch-size 1)")
+
+
 def resolve_seed(folders: list[Path], seed: int) -> int:
     """The job's base seed: `seed`, or for -1 (random) the one a previous run into these folders
     drew (read from their records), else a new random one."""
@@ -385,10 +475,11 @@ def shapes_checker(prompts: list[str]):
 # ----------------------------------------------------------------------------- running
 
 def run_batches(job: Job, pipe, pending: list[int], call_options: dict, png_params: dict, rank: int = 0,
-                world: int = 1, checker=None, macs: dict | None = None, progress=None) -> dict:
+                world: int = 1, checker=None, macs=None, progress=None) -> dict:
     """Make this rank's share of the pending batches (pending[rank::world]), writing each PNG and
     then its record. Ranks go in rounds of one batch each and count their images together after
-    each round. Returns per-rank {"images": [...], "busy": [...]} and the wall time."""
+    each round. `macs(gate, height, width, steps)`: the denoiser's MACs per image, for the records.
+    Returns per-rank {"images": [...], "busy": [...]} and the wall time."""
     folders = {name: folder for name, (folder, _) in job.folders.items()}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -401,7 +492,7 @@ def run_batches(job: Job, pipe, pending: list[int], call_options: dict, png_para
             if k < len(pending):
                 t0 = time.perf_counter()
                 made += make_batch(job, pipe, batches[pending[k]], call_options, png_params, parts, rank,
-                                   checker, macs or {})
+                                   checker, macs)
                 busy += time.perf_counter() - t0
             done = total([made], world)
             if progress is not None:
@@ -417,15 +508,29 @@ def run_batches(job: Job, pipe, pending: list[int], call_options: dict, png_para
 
 
 def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_params: dict, parts: dict,
-               rank: int, checker, macs: dict) -> int:
+               rank: int, checker, macs) -> int:
     """One batch in every folder (the same seeds): PNGs first, then the records. Returns its image count."""
     prompts = [untagged(image.prompt) for image in batch]  # the records and PNGs keep the tags
     negatives = None if all(image.negative is None for image in batch) else [image.negative or "" for image in batch]
+    call, digests = dict(call_options), {}
+    if any(image.image for image in batch):  # img2img from the lines' own files (others: --image's pixels)
+        paths = dict.fromkeys(image.image for image in batch if image.image)
+        digests, read = {p: file_sha256(p) for p in paths}, {p: read_image(p, MAX_SIDE) for p in paths}
+        pixels = [read[image.image] if image.image else call["image"] for image in batch]
+        if len({x.shape for x in pixels}) > 1:
+            raise ValueError(f"the image files of lines {batch[0].line} to {batch[-1].line} changed size since the "
+                             "job was checked; rerun to check them again")
+        pixels = torch.cat(pixels)
+        call.update(image=pixels, height=pixels.shape[2], width=pixels.shape[3])
+    if batch[0].strength is not None:  # one for the batch (check_img2img)
+        call["strength"] = batch[0].strength
     made = {}
     for name, (folder, gate) in job.folders.items():
-        out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call_options,
+        out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call,
                    generator=[torch.Generator(device="cpu").manual_seed(image.seed) for image in batch])
+        steps = len(out.steps)  # img2img runs the last int(steps * strength)
         made[name] = [to_uint8(image) for image in out.images], out.timings
+    img2img = "image" in call
     for name, (folder, gate) in job.folders.items():
         images, timings = made[name]
         options = job.folder_options(name)
@@ -436,6 +541,10 @@ def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_param
                           batch_options=options_hash(options))
             if image.negative is not None:
                 params["negative_prompt"] = image.negative
+            if img2img:  # the file's name only, never a local path (--image's is in png_params)
+                params["strength"] = image.strength or pipe.default_strength
+                if image.image:
+                    params["image"] = Path(image.image).name
             text = format_parameters(params)
             try:
                 save_png(folder / f"{image.id}.png", pixels, text, overwrite=False)
@@ -445,7 +554,12 @@ def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_param
                           negative_prompt=image.negative, seed=image.seed, parameters=json.loads(text["mini_tgate"]),
                           options=options, rank=rank,
                           seconds={k: v / len(batch) for k, v in timings.items()},
-                          denoiser_macs=macs.get(gate), denoiser_macs_no_gate=macs.get(None))
+                          denoiser_macs=macs and macs(gate, call["height"], call["width"], steps),
+                          denoiser_macs_no_gate=macs and macs(None, call["height"], call["width"], steps))
+            if image.image:  # what a rerun checks the line's file against
+                record.update(image=image.image, image_sha256=digests[image.image])
+            if image.strength is not None:
+                record["strength"] = image.strength
             if "tgate" in made and name == "tgate":  # --compare-tgate: the same image without the gate
                 plain = made["no-tgate"][0][pos]
                 record["mean_abs_diff_to_no_tgate"] = float(np.abs(pixels.astype(np.int16) - plain).mean())
