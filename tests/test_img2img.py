@@ -368,14 +368,6 @@ def test_cli_image_without_pillow(tmp_path, monkeypatch, capsys):
                    "as a numpy array or torch tensor\n")
 
 
-def test_batch_has_no_image_option(capsys):
-    from mini_tgate.__main__ import main
-
-    with pytest.raises(SystemExit):
-        main(["batch", "prompts.txt", "--out", "out", "--image", "input.png"])
-    assert "unrecognized arguments: --image" in capsys.readouterr().err
-
-
 def test_pixart_has_no_img2img():
     """diffusers has no PixArt img2img pipeline to match, so image= is refused there, before any work."""
     from mini_tgate.config import VAEConfig
