@@ -289,9 +289,9 @@ def loras_from(args) -> list[tuple[str, float]]:
 def prompt_tags(prompt: str) -> list[tuple[str, float]]:
     """The LoRAs that A1111's extra-network tags in a prompt name, as (NAME, MULTIPLIER) in order.
     Only prompts are read, as in A1111 (`parse_extra_network_prompts` reads the prompts alone): a
-    tag in a negative prompt is text like any other. The tags are A1111's (modules/extra_networks.py): `<KIND:ARGS>` with
-    KIND a word and ARGS anything but '>' split at ':', so NAME may hold spaces and dots, not ':';
-    only KIND "lora" with one or two ARGS is taken. A NAME tagged twice is merged twice, both
+    tag in a negative prompt is text like any other. The tags are A1111's
+    (modules/extra_networks.py): `<KIND:ARGS>` with KIND a word and ARGS anything but '>' split at
+    ':', so NAME may hold spaces and dots, not ':'; only KIND "lora" with one or two ARGS is taken. A NAME tagged twice is merged twice, both
     times at its last tag's multiplier, as A1111 does (its load_networks keeps one object per
     name, whose multiplier the last tag sets, and lists it once per tag)."""
     tags = []
@@ -611,13 +611,14 @@ def prepare_batch(args, rank: int, world: int):
     folders = ({"": (out, gate)} if not args.compare_tgate
                else {"no-tgate": (out / "no-tgate", None), "tgate": (out / "tgate", gate)})
     model = Path(args.model).resolve() if Path(args.model).exists() else args.model  # a local folder, wherever called from
-    options = {k: v for k, v in vars(args).items()  # a text job's options as before batch had img2img
-               if k not in NOT_PIXELS and not (k in ("image", "strength") and v is None)}
+    # options added since batch was written are left out when unset, so older jobs keep their options
+    options = {k: v for k, v in vars(args).items()
+               if k not in NOT_PIXELS and not (k in ("image", "strength", "lora_dir") and v is None)}
     if args.image:  # the file, wherever called from, and its bytes: a file changed under a finished job is refused
         options.update(image=str(Path(args.image).resolve()), image_sha256=batch.file_sha256(args.image))
-    # the tags are in the prompts, which each record holds; the folder they name, wherever called from
-    options.update(model=str(model), device=device.type, threads=threads,
-                   lora_dir=args.lora_dir and str(Path(args.lora_dir).resolve()))
+    if args.lora_dir:  # the tags are in the prompts, which each record holds; the folder they name, wherever called from
+        options.update(lora_dir=str(Path(args.lora_dir).resolve()))
+    options.update(model=str(model), device=device.type, threads=threads)
 
     def job(seed):
         return batch.Job(batch.job_images(lines, args.num_images, seed, negative, args.strength), folders,
