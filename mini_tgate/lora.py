@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointError, is_network_error, is_repo_id
+from .checkpoint import PICKLE_SUFFIXES, CheckpointError, is_network_error, is_repo_id, read_file
 
 # The largest LoRAs in use (SDXL, rank 256) are under 2 GB; a file over 4 GiB is refused unread.
 MAX_LORA_BYTES = 4 * 2**30
@@ -158,26 +158,10 @@ def download(repo_id: str, weight_name: str, local_files_only: bool, cache_dir, 
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors import safe_open
-
     if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: pickle-based LoRA files are refused because unpickling can execute "
                               "arbitrary code; use the .safetensors version")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file" if path.exists() else f"{path}: no such file")
-    if path.stat().st_size > MAX_LORA_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES // 2**30} GiB "
-                              "a LoRA may have")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            if len(f.keys()) > MAX_LORA_TENSORS:
-                raise CheckpointError(f"{path}: {len(f.keys())} tensors, more than a LoRA holds (limit {MAX_LORA_TENSORS})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            header = f.metadata() or {}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    tensors, header = read_file(path, MAX_LORA_BYTES, MAX_LORA_TENSORS, "LoRA")
     metadata = None
     if "lora_adapter_metadata" in header:
         if len(header["lora_adapter_metadata"]) > MAX_METADATA_BYTES:

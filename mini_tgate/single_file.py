@@ -35,16 +35,14 @@ Keys ignored on purpose (anything else the table does not use is an error naming
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import struct
 from pathlib import Path
 
 import torch
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointError, pick_dtype, read_json
+from .checkpoint import (FLOAT_DTYPES, MAX_FILE_BYTES, PICKLE_SUFFIXES, CheckpointError, pick_dtype,  # noqa: F401
+                         read_header, read_json, read_tensors)
 from .config import CLIPTextConfig, UNetConfig, VAEConfig
 from .schedulers import scheduler_from_config
 from .text_encoder import CLIPTextModel
@@ -54,12 +52,6 @@ from .vae import AutoencoderKL
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 CLIP_VOCABULARY = Path(__file__).resolve().parent / "clip"  # package data
-
-# Bounds on what a file may make us read. A real header is 100-400 KB (SDXL with an EMA copy:
-# ~6,000 tensors); the largest real files (SDXL in float32 with EMA) are ~14 GB.
-MAX_HEADER_BYTES = 16 * 2**20
-MAX_TENSORS = 20_000
-MAX_FILE_BYTES = 64 * 2**30
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -75,11 +67,6 @@ SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "denoiser.sigmas"}
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-# bytes per element of the safetensors dtypes a checkpoint holds: weights (floating point) and
-# integer buffers, all ignored (CLIP's position_ids: I64; model_ema.num_updates: I32)
-FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-DTYPE_BYTES = FLOAT_DTYPES | {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 # ----------------------------------------------------------------------------- presets
 
@@ -117,71 +104,6 @@ def is_single_file(source) -> bool:
     is "no such file", a `.ckpt` is refused as pickle) rather than a folder or hub repo id."""
     path = Path(source).expanduser()
     return path.is_file() or (not path.is_dir() and path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES))
-
-
-def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """name -> shape and name -> dtype of every tensor, from the safetensors header only, with bounds:
-    the header must be at most MAX_HEADER_BYTES and name at most MAX_TENSORS tensors, each
-    once. As the format's spec (and the safetensors library) demands, each tensor's byte range
-    holds exactly its shape times its dtype's size, and the ranges tile the data: no overlap,
-    no gap, nothing after the last."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle-based checkpoints are refused because unpickling can execute "
-                              "arbitrary code; convert it to .safetensors first")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise CheckpointError(f"{path}: {size / 2**30:.1f} GiB, larger than any Stable Diffusion checkpoint "
-                              f"(limit {MAX_FILE_BYTES // 2**30} GiB)")
-    with open(path, "rb") as f:
-        start = f.read(8)
-        n = struct.unpack("<Q", start)[0] if len(start) == 8 else -1
-        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: not a safetensors file (header length {n}; a header is 2 bytes to "
-                                  f"{MAX_HEADER_BYTES // 2**20} MiB and lies inside the file)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=lambda pairs: unique(pairs, path))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
-    if len(header) > MAX_TENSORS:
-        raise CheckpointError(f"{path}: {len(header)} tensors, more than a checkpoint holds (limit {MAX_TENSORS})")
-    shapes, dtypes, ranges = {}, {}, []
-    for name, entry in header.items():
-        try:
-            shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
-            ok = len(name) <= 1000 and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and \
-                end - begin == math.prod(shape) * DTYPE_BYTES[entry["dtype"]]
-        except (TypeError, KeyError, ValueError, IndexError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path}: not a safetensors file (bad header entry for {name!r}: needs a dtype "
-                                  f"({', '.join(DTYPE_BYTES)}), a shape and data_offsets that agree)")
-        shapes[name], dtypes[name] = shape, entry["dtype"]
-        ranges.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(ranges):
-        if begin != position:
-            raise CheckpointError(f"{path}: not a safetensors file (tensor {name!r} at bytes {begin}-{end} "
-                                  f"{'overlaps another' if begin < position else f'leaves a gap from {position}'})")
-        position = end
-    if position != size - 8 - n:
-        raise CheckpointError(f"{path}: not a safetensors file (its tensors end at data byte {position}, the file's "
-                              f"data at {size - 8 - n}: {'truncated' if position > size - 8 - n else 'bytes left over'})")
-    return shapes, dtypes
-
-
-def unique(pairs: list, path: Path) -> dict:
-    """A JSON object's dict, refusing a name given twice (json.loads would keep the last)."""
-    seen = set()
-    for name, _ in pairs:
-        if name in seen:
-            raise CheckpointError(f"{path}: not a safetensors file (its header names {name!r} twice)")
-        seen.add(name)
-    return dict(pairs)
 
 
 def detect_kind(keys, name="the state dict") -> str:
@@ -467,15 +389,14 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     local diffusers folder whose unet/vae/text encoder/scheduler configs (and tokenizers) are
     used instead of the presets, as in diffusers' `from_single_file(config=...)`.
     `pipeline_class`: refuse a file of another kind (what Class.from_pretrained passes)."""
-    from safetensors import safe_open
-
     from .pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = pick_dtype(dtype, torch_dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
     path = Path(path).expanduser()
-    shapes, dtypes = read_header(path)
+    header = read_header(path)
+    shapes = {name: shape for name, (_, shape, _, _) in header.tensors.items()}
     kind = detect_kind(shapes, path)
     conv_in = shapes.get(f"{UNET}input_blocks.0.0.weight", ())  # other shapes than (out, in, 3, 3): refused later
     if len(conv_in) == 4 and conv_in[1] != 4:  # the latents (4) plus a masked image and mask (9) or an input image (8)
@@ -499,8 +420,8 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     meta: dict[str, dict] = {}
     keys: dict[str, dict] = {}  # component -> diffusers name -> the file's key, for errors
     for (component, new), (key, how) in table.items():
-        if dtypes[key] not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key} is {dtypes[key]}; model weights must be floating point")
+        if header.tensors[key][0] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} is {header.tensors[key][0]}; model weights must be floating point")
         meta.setdefault(component, {})[new] = reshape(torch.empty(shapes[key], device="meta"), how, f"{path}: {key}")
         keys.setdefault(component, {})[new] = key
     classes = {"unet": (UNet2DConditionModel, unet_config), "vae": (AutoencoderKL, VAEConfig.from_dict(configs["vae"]))}
@@ -509,14 +430,13 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
     models = {name: build(model_class, config, meta.pop(name, {}), keys.get(name, {}), path, name)
               for name, (model_class, config) in classes.items()}
 
+    # each fused q/k/v tensor is read once; cast as read, so memory holds the weights in `dtype`
+    read = read_tensors(path, header, list(dict.fromkeys(key for key, _ in table.values())),
+                        lambda t: t.to(dtype) if t.is_floating_point() else t)
     states: dict[str, dict] = {}
-    with safe_open(path, framework="pt", device="cpu") as f:  # memory-mapped: one tensor at a time
-        read, tensor = None, None
-        for (component, new), (key, how) in table.items():
-            if key != read:  # q, k and v come from the same fused tensor, read once
-                read, tensor = key, f.get_tensor(key)
-            states.setdefault(component, {})[new] = reshape(tensor, how, key).to(device=device, dtype=dtype)
-        del tensor
+    for (component, new), (key, how) in table.items():
+        states.setdefault(component, {})[new] = reshape(read[key], how, key).to(device)
+    del read
     for name, model in models.items():
         model.load_state_dict(states.pop(name, {}), strict=True, assign=True)
         model.requires_grad_(False).eval()

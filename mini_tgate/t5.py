@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, PretrainedMixin, write_json
+from .checkpoint import PretrainedMixin, read_header, read_tensors, write_json
 from .config import T5Config
 
 # The input embedding is stored as `shared.weight` (the table shared with the decoder),
@@ -211,29 +211,20 @@ class T5EncoderModel(PretrainedMixin, nn.Module):
     def for_files(cls, config: T5Config, files: list[Path]):
         """The embedding is registered under whichever of EMBEDDING_KEYS the checkpoint holds
         (read from the files' headers only), so the strict load finds every key it expects."""
-        from safetensors import safe_open
-
         stored = set()
         for f in files:
             if f.is_file():  # a missing shard is reported by load_weights
-                try:
-                    with safe_open(f, framework="pt") as sf:  # the header only
-                        stored.update(k for k in sf.keys() if k in EMBEDDING_KEYS)
-                except Exception as e:
-                    raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+                stored.update(k for k in read_header(f).tensors if k in EMBEDDING_KEYS)
         return cls(config, tuple(k for k in EMBEDDING_KEYS if k in stored) or ("shared.weight",))
 
     def after_load(self, files: list[Path], dtype, device):
         """In float16 every `wo` is read again from the file in float32, as transformers keeps it."""
-        from safetensors import safe_open
-
         if dtype == torch.float16:
-            for f in files:
-                with safe_open(f, framework="pt") as sf:
-                    for k in sf.keys():
-                        if k.endswith(".DenseReluDense.wo.weight"):
-                            wo = self.get_submodule(k.removesuffix(".weight"))
-                            wo.weight = nn.Parameter(sf.get_tensor(k).float().to(device), requires_grad=False)
+            for path in files:
+                header = read_header(path)
+                names = [k for k in header.tensors if k.endswith(".DenseReluDense.wo.weight")]
+                for k, w in read_tensors(path, header, names, lambda t: t.float().to(device)).items():
+                    self.get_submodule(k.removesuffix(".weight")).weight = nn.Parameter(w, requires_grad=False)
         return self
 
     def save_pretrained(self, folder) -> None:

@@ -22,3 +22,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def realign(*models):
+    """Copy every parameter and buffer of reference models into a fresh allocation, in place.
+
+    diffusers and transformers leave loaded weights in a memory map of the file, at whatever
+    offset the file's layout gives them; CPU kernels take different paths on differently
+    aligned data, so the same weights give other last bits from another file. mini_tgate reads
+    every weight into a fresh (64-byte aligned) allocation; this puts a reference on the same
+    footing before outputs are compared bit for bit."""
+    with torch.no_grad():
+        for model in models:
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.clone()
+    return models[0] if len(models) == 1 else models

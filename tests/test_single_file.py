@@ -386,7 +386,7 @@ def test_pickle_files_are_refused(tmp_path, suffix):
 def test_not_a_safetensors_file(tmp_path, head):
     path = tmp_path / "model.safetensors"
     path.write_bytes(head)
-    with pytest.raises(CheckpointError, match="not a safetensors file"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         single_file.load_single_file(path)
 
 
@@ -546,7 +546,7 @@ def test_a_real_file_whose_header_lies_about_a_dtype(tiny, tmp_path):
     kind, folder, path = tiny
     key = "first_stage_model.decoder.conv_out.weight"
     bad = rewrite_header(path, tmp_path / "bad.safetensors", lambda h: h[key].update(dtype="F16"))
-    with pytest.raises(CheckpointError, match=f"bad.safetensors: not a safetensors file .bad header entry for '{key}'"):
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: not a readable safetensors file .bad header entry for '{key}'"):
         single_file.load_single_file(bad, config=folder)
 
 
@@ -649,3 +649,14 @@ def test_a_weight_that_is_not_floating_point_is_refused_before_reading(tiny, tmp
     with pytest.raises(CheckpointError) as e:
         single_file.load_single_file(bad, config=folder)
     assert str(e.value) == f"{bad}: tensor {key} is {name}; model weights must be floating point"
+
+
+@pytest.mark.parametrize("tiny", ["sd2"], indirect=True)  # SD-2: q, k and v are cut from one fused tensor
+def test_loaded_weights_are_fresh_allocations(tiny):
+    """Read in the file's dtype, no weight is a view of the file or of another tensor (issue 21)."""
+    from test_weights_layout import assert_fresh
+
+    kind, folder, path = tiny
+    pipe = single_file.load_single_file(path, config=folder)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_fresh(getattr(pipe, name), name)

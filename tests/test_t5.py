@@ -4,6 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import realign
+
 from mini_tgate.checkpoint import CheckpointError
 from mini_tgate.config import ConfigError, T5Config
 from mini_tgate.t5 import T5EncoderModel, preprocess_prompt
@@ -76,7 +78,7 @@ def test_half_precision_matches_transformers(saved, tmp_path, dtype):
     """Both loaded in the same dtype from the same float32 file: in float16 transformers keeps
     `wo` in float32 (its residual stream becomes float32) and clamps; bfloat16 is plain."""
     _, folder = saved["tiny"]
-    ref = transformers.T5EncoderModel.from_pretrained(folder, dtype=dtype).eval()
+    ref = realign(transformers.T5EncoderModel.from_pretrained(folder, dtype=dtype).eval())  # wo: float32, mapped
     ours = T5EncoderModel.from_pretrained(folder, dtype=dtype)
     for name, p in ours.named_parameters():  # wo: float32 in float16 only, as transformers keeps it
         assert p.dtype == ref.get_parameter(name).dtype, name
@@ -99,7 +101,7 @@ def test_float16_overflow_is_clamped_as_transformers(saved, tmp_path):
     state["encoder.block.0.layer.0.SelfAttention.o.weight"] *= 100
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    ref = transformers.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    ref = realign(transformers.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval())
     ours = T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16)
     ids, mask = inputs(ref.config.vocab_size)
     expected = ref_output(ref, ids, mask)
