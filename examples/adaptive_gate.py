@@ -39,10 +39,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
-import mini_tgate  # noqa: E402
 from evaluate_tiny import eval_prompts, parser  # noqa: E402
+
+import mini_tgate  # noqa: E402
 from mini_tgate import TGate  # noqa: E402
-from mini_tgate.attention import Attention  # noqa: E402
+from mini_tgate.core.attention import Attention  # noqa: E402
 
 # The paper's two ways of gating (its notation: "m" alone gates cross-attention only; "m, k" also
 # caches self-attention every k steps before the gate, after a warm-up of 2 steps).

@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
-import mini_tgate  # noqa: E402
 from evaluate_tiny import eval_prompts, parser  # noqa: E402
-from mini_tgate.attention import Attention  # noqa: E402
+
+import mini_tgate  # noqa: E402
+from mini_tgate.core.attention import Attention  # noqa: E402
 
 
 @torch.inference_mode()

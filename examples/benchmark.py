@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import mini_tgate  # noqa: E402
+from mini_tgate.core.tgate import DeepCache  # noqa: E402
 from mini_tgate.macs import count_macs  # noqa: E402
-from mini_tgate.tgate import DeepCache  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 

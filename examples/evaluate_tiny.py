@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
-from mini_tgate.__main__ import main as mini_tgate_cli  # noqa: E402
-from mini_tgate.png import image_grid, save_png  # noqa: E402
+
+from mini_tgate.cli import main as mini_tgate_cli  # noqa: E402
+from mini_tgate.formats.png import image_grid, save_png  # noqa: E402
 
 # name -> (batch options, folder: "tgate" for the gated images, "no-tgate" for those without).
 # "m" alone gates cross-attention only (the paper's notation); the paper's SD default also caches

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from mini_tgate import (AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler,  # noqa: E402
                         StableDiffusionPipeline, UNet2DConditionModel)
-from mini_tgate.checkpoint import save_pipeline  # noqa: E402
-from mini_tgate.config import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
+from mini_tgate.core.config import CLIPTextConfig, UNetConfig, VAEConfig  # noqa: E402
+from mini_tgate.formats.save import save_pipeline  # noqa: E402
 
 TEXT = CLIPTextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       projection_dim=32, architectures=["CLIPTextModel"])  # vocabulary: CLIP's 49408

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from mini_tgate.__main__ import Parser, add_generate_options, generate_command, run  # noqa: E402
+from mini_tgate.cli import Parser, add_generate_options, generate_command, run  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 

@@ -141,7 +141,7 @@ if __name__ == "__main__":
 
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
-    from mini_tgate.png import image_grid, save_png
+    from mini_tgate.formats.png import image_grid, save_png
 
     images, prompts = make_dataset(2000, seed=1234)
     print(f"{len(all_prompts())} prompts; checker on 2000 dataset images:", adherence(images, prompts))

@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import shapes  # noqa: E402
 from make_default import SCHEDULE, TEXT, export  # noqa: E402  (the text encoder and schedule of weights/tiny-random)
+
 from mini_tgate import (AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler,  # noqa: E402
                         StableDiffusionPipeline, UNet2DConditionModel)
-from mini_tgate.config import UNetConfig, VAEConfig  # noqa: E402
-from mini_tgate.png import image_grid, save_png  # noqa: E402
+from mini_tgate.core.config import UNetConfig, VAEConfig  # noqa: E402
+from mini_tgate.formats.png import image_grid, save_png  # noqa: E402
 
 VAE = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64,
                 latent_channels=4)

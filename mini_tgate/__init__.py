@@ -1,19 +1,35 @@
-"""mini_tgate: minimal text-to-image diffusion inference (SD, SDXL, LCM, PixArt) with TGATE temporal attention gating."""
+"""mini_tgate: minimal text-to-image diffusion inference (SD, SDXL, LCM, PixArt) with TGATE temporal attention gating.
 
-__version__ = "0.1.0"
+The package by role (dependencies point inward: cli -> loading, macs -> families -> formats -> core):
+  core/              the method and the shared models: TGate and plan(), Attention, UNet, VAE, CLIP,
+                     schedulers, weights, bounds, the one pipeline and its denoising loop
+  stable_diffusion/  SD 1.x/2.x, LCM and SDXL pipelines
+  pixart/            PixArt-Alpha/-Sigma: T5, the transformer, the pipelines
+  formats/           hub hashes, single files, LoRA, PNG parameters, saving
+  loading.py         load_pipeline: picks a family's pipeline for a checkpoint
+  macs.py            count_macs
+  cli/               python -m mini_tgate generate | batch | info | macs
+"""
 
-from .checkpoint import CheckpointError, model_hash, save_pipeline, snapshot_commit
-from .config import ConfigError, PixArtTransformerConfig, T5Config
+from .core.clip import CLIPTextModel, CLIPTextOutput
+from .core.config import ConfigError
+from .core.pipeline import DiffusionPipeline, PipelineOutput
+from .core.schedulers import (SCHEDULER_NAMES, DDIMScheduler, DPMSolverMultistepScheduler,
+                              EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, a1111_names,
+                              scheduler_by_name, scheduler_from_config)
+from .core.tgate import DeepCache, TGate
+from .core.tokenizer import CLIPTokenizer
+from .core.unet import UNet2DConditionModel
+from .core.vae import AutoencoderKL
+from .core.weights import CheckpointError, snapshot_commit
+from .formats.hub import model_hash
+from .formats.save import save_pipeline
+from .loading import load_pipeline, load_single_file
 from .macs import count_macs
-from .schedulers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                         EulerDiscreteScheduler, LCMScheduler, SCHEDULER_NAMES, a1111_names, scheduler_by_name,
-                         scheduler_from_config)
-from .text_encoder import CLIPTextModel, CLIPTextOutput
-from .pipeline import (DiffusionPipeline, load_pipeline, PipelineOutput, PixArtAlphaPipeline, PixArtSigmaPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
-from .tgate import DeepCache, TGate
-from .pixart import PixArtTransformer2DModel
-from .t5 import T5EncoderModel
-from .tokenizer import CLIPTokenizer, T5Tokenizer
-from .unet import UNet2DConditionModel
-from .vae import AutoencoderKL
+from .pixart.config import PixArtTransformerConfig, T5Config
+from .pixart.pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
+from .pixart.t5 import T5EncoderModel
+from .pixart.tokenizer import T5Tokenizer
+from .pixart.transformer import PixArtTransformer2DModel
+from .stable_diffusion.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+from .version import __version__

@@ -22,20 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attention import Attention
-from .checkpoint import read_json
-from .config import PixArtTransformerConfig, UNetConfig
-from .pixart import PixArtTransformer2DModel
-from .tgate import REUSE, DeepCache, TGate, plan
-from .unet import UNet2DConditionModel
+from .core.attention import Attention
+from .core.bounds import MACS_MAX_BATCH, MACS_MAX_SIDE, MACS_MAX_STEPS, MACS_MAX_TEXT_LEN
+from .core.config import UNetConfig
+from .core.tgate import REUSE, DeepCache, TGate, plan
+from .core.unet import UNet2DConditionModel
+from .core.weights import read_json
+from .pixart.config import PixArtTransformerConfig
+from .pixart.transformer import PixArtTransformer2DModel
 
 PRESETS = Path(__file__).resolve().parent / "presets"
-# Bounds of a generation, here and in the command line: SD checkpoints are trained on 1000
-# timesteps (no schedule has more distinct steps), and 4096 px is 4x SDXL's trained size (one such
-# SD-1.5 image needs a 262,144-token self-attention in its first block).
-MAX_STEPS = 1000
-MAX_SIDE = 4096
-MAX_BATCH = 4096  # counting runs on the meta device: no memory, the bound only keeps numbers sane
 
 
 PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # Alpha's config names the latter
@@ -71,15 +67,15 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if not (is_int(steps) and 1 <= steps <= MAX_STEPS):
-        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    if not (is_int(steps) and 1 <= steps <= MACS_MAX_STEPS):
+        raise ValueError(f"steps must be an integer from 1 to {MACS_MAX_STEPS}, got {steps!r}")
     if not (isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
             and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if not (is_int(batch_size) and 1 <= batch_size <= MAX_BATCH):
-        raise ValueError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {batch_size!r}")
-    if not (text_len is None or is_int(text_len) and 1 <= text_len <= 4096):
-        raise ValueError(f"text_len must be an integer from 1 to 4096, got {text_len!r}")
+    if not (is_int(batch_size) and 1 <= batch_size <= MACS_MAX_BATCH):
+        raise ValueError(f"batch_size must be an integer from 1 to {MACS_MAX_BATCH}, got {batch_size!r}")
+    if not (text_len is None or is_int(text_len) and 1 <= text_len <= MACS_MAX_TEXT_LEN):
+        raise ValueError(f"text_len must be an integer from 1 to {MACS_MAX_TEXT_LEN}, got {text_len!r}")
     if tgate is not None and not isinstance(tgate, TGate):
         raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
     if deepcache is not None and not isinstance(deepcache, DeepCache):
@@ -93,8 +89,8 @@ def count_macs(arch="sd15", height: int | None = None, width: int | None = None,
     height = cfg.sample_size * 8 if height is None else height
     width = cfg.sample_size * 8 if width is None else width
     for name, value in (("height", height), ("width", width)):
-        if not (is_int(value) and 8 <= value <= MAX_SIDE and value % 8 == 0):
-            raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
+        if not (is_int(value) and 8 <= value <= MACS_MAX_SIDE and value % 8 == 0):
+            raise ValueError(f"{name} must be a multiple of 8 from 8 to {MACS_MAX_SIDE}, got {value!r}")
         if pixart and value // 8 % cfg.patch_size:
             raise ValueError(f"{name} must be a multiple of {8 * cfg.patch_size} for this transformer, got {value}")
     # CFG doubles the batch, unless the model folds guidance into an embedding (LCM)

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+TESTS = ROOT / "tests"
+# Tests mirror the package (tests/core, tests/formats, ...); shared helpers (tiny_models.py, this
+# file) and a few test modules' helpers are imported by name from any folder.
+sys.path[:0] = [str(ROOT), str(TESTS), *(str(d) for d in sorted(TESTS.iterdir()) if d.is_dir() and d.name != "__pycache__")]
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from mini_tgate.__main__ import main
-from mini_tgate.checkpoint import CheckpointError
+from mini_tgate.cli import main
+from mini_tgate.core.tgate import TGate
+from mini_tgate.core.weights import CheckpointError
 from mini_tgate.macs import count_macs
-from mini_tgate.tgate import TGate
 
 CA_ONLY = dict(sp_interval=1, fi_interval=1, warm_up=2)  # the paper's "m" alone gates cross-attention only
 

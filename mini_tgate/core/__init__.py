@@ -1,0 +1,1 @@
+"""The method and the models every family shares: read top to bottom."""

@@ -1,0 +1,1 @@
+"""The formats people bring: hub sources and hashes, single files, LoRA, PNG parameters, saving."""

@@ -1,0 +1,58 @@
+"""load_pipeline: the pipeline of a diffusers folder, a hub repo or one single file.
+
+Above the model families: it reads which pipeline class a checkpoint names (a folder's
+`model_index.json`, or what kind of LDM file it is) and lets that family's class load it.
+The families know how to build themselves (`from_pretrained`, `from_single_file`); this module
+only picks one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .core.pipeline import DiffusionPipeline
+from .core.weights import CheckpointError, read_json, resolve
+from .formats.single_file import is_single_file, pipeline_name
+from .pixart.pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
+from .stable_diffusion.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+# model_index.json's `_class_name` -> the class that loads it
+PIPELINES = {name: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtAlphaPipeline,
+                                   PixArtSigmaPipeline) for name in cls.model_index_names}
+
+
+def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
+                  local_files_only: bool = False, cache_dir=None, revision: str | None = None,
+                  torch_dtype: torch.dtype | None = None, prediction_type: str | None = None) -> DiffusionPipeline:
+    """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
+    on the hub), chosen by its model_index.json. dtype (diffusers' name, torch_dtype, is an alias)
+    defaults to float32. The VAE stays in float32 when dtype is float16 and its config says
+    force_upcast (the SDXL VAE overflows in float16). A `.safetensors` file in the original LDM
+    layout goes to formats/single_file.py, with `prediction_type` where the file cannot tell
+    (SD-2: v_prediction)."""
+    if is_single_file(source):
+        if variant is not None or revision is not None:
+            raise ValueError(f"{source}: variant and revision are for diffusers folders and hub repos, not one file")
+        return load_single_file(source, device, dtype, prediction_type, torch_dtype=torch_dtype)
+    if prediction_type is not None:
+        raise ValueError("prediction_type is for single-file checkpoints; a diffusers folder's scheduler config sets it")
+    folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
+    name = read_json(folder / "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported "
+                              f"(supported: {', '.join(PIPELINES)})")
+    pipe = PIPELINES[name].from_pretrained(folder, device, dtype, variant, torch_dtype=torch_dtype)
+    if not Path(source).expanduser().is_dir():  # a hub repo: named by its id, never by a local path
+        pipe.model_info["name"] = str(source)
+    return pipe
+
+
+def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None = None,
+                     prediction_type: str | None = None, config: str | os.PathLike | None = None,
+                     torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """The pipeline of one LDM-layout `.safetensors` file (SD 1.x, SD 2.x or SDXL base): see
+    `StableDiffusionPipeline.from_single_file`, which this calls on the file's own class."""
+    return PIPELINES[pipeline_name(path)].from_single_file(path, device, dtype, prediction_type, config, torch_dtype)

@@ -1,0 +1,1 @@
+"""Stable Diffusion 1.x/2.x, LCM and SDXL pipelines."""

@@ -1,0 +1,175 @@
+"""torch.compile on the hot path: a compiled UNet runs a whole TGATE schedule with one graph per
+gate phase, never one per step, and gives the eager UNet's numbers.
+
+What a compiled UNet specializes on, so what makes it compile a new graph (dynamo guards):
+- the `gate` string of every attention module: one graph per distinct step plan, which is what
+  TGATE wants, since each plan is a different computation;
+- the shapes and strides of the inputs (`dynamic=False`): one graph per batch size, so CFG's
+  doubled batch before the gate and the single batch after it are two graphs anyway;
+- a timestep given as a Python number (a constant baked into the graph: one graph per step!),
+  not as the scheduler's 0-d tensor, which is an input like any other.
+The cached attention outputs are graph inputs (REUSE) and outputs (CACHE), guarded on their
+shape and strides only, so a new cache tensor every few steps recompiles nothing.
+
+Compiling costs 5-40 s per graph on a CPU, so these tests use the smallest UNets that still have
+every part the graph goes through.
+"""
+
+import copy
+
+import pytest
+import torch
+from test_unet import TINY, unet_inputs
+from torch._dynamo.utils import counters
+
+from mini_tgate.core.config import UNetConfig, VAEConfig
+from mini_tgate.core.schedulers import EulerDiscreteScheduler
+from mini_tgate.core.tgate import DeepCache, TGate, plan
+from mini_tgate.core.unet import UNet2DConditionModel
+from mini_tgate.core.vae import AutoencoderKL
+
+# test_unet's tiny configs with one resnet per block: still a downsample, an upsample, skips of
+# two sizes and cross-attention in the down, mid and up blocks (SDXL: two transformer layers in
+# the deepest block and the text_time embedding).
+SMALL = {
+    "sd1": dict(TINY["sd1"], layers_per_block=1),
+    "sdxl": dict(TINY["sdxl"], layers_per_block=1, transformer_layers_per_block=[1, 1, 2]),
+}
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def small_and_quick():
+    """One thread: at these sizes more threads only add OpenMP barriers, which stall for seconds
+    on a busy machine (inductor's C++ kernels read the thread count when they are compiled). No
+    SIMD in those kernels: they compile a third faster, and the graphs and guards are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+    torch.set_num_threads(threads)
+
+
+def small_unet(name):
+    g = torch.Generator().manual_seed(0)
+    unet = UNet2DConditionModel(UNetConfig.from_dict(dict(sample_size=16, norm_num_groups=8, **SMALL[name])))
+    with torch.no_grad():  # move every weight off its initial value (norms are 1 and 0 there)
+        for p in unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return unet.eval()
+
+
+def graphs() -> int:
+    """Graphs dynamo has compiled since the last counters.clear() (with fullgraph=True each
+    compile of the UNet's forward is exactly one graph)."""
+    return counters["stats"]["unique_graphs"]
+
+
+def denoise(unet, steps, inputs, eager=None) -> float:
+    """The pipeline's denoising loop (pipeline.py) around `unet`: Euler steps, so float32 0-d
+    timestep tensors; CFG's doubled batch [unconditional, conditional] while the plan says so,
+    the unconditional branch alone after the gate; the UNet's output fed back into the latents.
+    With `eager`, an uncompiled copy runs the same plan on the same input at every step; returns
+    the largest error of `unet` against it, relative to the output's largest value."""
+    x2, context2, kw2 = inputs
+    kw1 = {k: ({kk: vv[:1] for kk, vv in v.items()} if isinstance(v, dict) else v[:1]) for k, v in kw2.items()}
+    scheduler = EulerDiscreteScheduler(**SD_BETAS)
+    scheduler.set_timesteps(len(steps))
+    latents, worst = x2[:1] * scheduler.init_noise_sigma, 0.0
+    for t, step in zip(scheduler.timesteps, steps):
+        x, context, kw = (torch.cat([latents, latents]), context2, kw2) if step.cfg else (latents, context2[:1], kw1)
+        x = scheduler.scale_model_input(x, t)
+        unet.set_gate(step)
+        noise = unet(x, t, context, **kw)
+        if eager is not None:
+            eager.set_gate(step)
+            expected = eager(x, t, context, **kw)
+            worst = max(worst, ((noise - expected).abs().max() / expected.abs().max()).item())
+        if step.cfg:
+            noise_uncond, noise_text = noise.chunk(2)
+            noise = noise_uncond + 7.5 * (noise_text - noise_uncond)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    unet.clear_gate()
+    if eager is not None:
+        eager.clear_gate()
+    return worst
+
+
+# SD-1 through inductor, as the pipeline compiles it; SDXL (its extra embedding, deeper blocks)
+# through dynamo alone: the same graphs and guards, without inductor's 15-30 s a graph
+@pytest.mark.parametrize("name,backend", [("sd1", "inductor"), ("sdxl", "eager")])
+def test_tgate_run_compiles_one_graph_per_phase(name, backend):
+    eager = small_unet(name)
+    unet = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, dynamic=False, backend=backend)  # in place: set_gate and the state-dict keys stay
+    inputs = unet_inputs(name, 2, torch.Generator().manual_seed(1))
+    gated = plan(TGate(10, 5, 1, 2), 25, cfg=True)
+    with torch.inference_mode():  # as the pipeline runs it
+        err = denoise(unet, plan(None, 25, cfg=True), inputs, eager)
+        assert graphs() == 1
+
+        # 25 steps of TGate(10, 5, 1, 2) with CFG: five distinct step plans (the batch size
+        # follows `cfg`), one of them (compute, compute, cfg), compiled above
+        assert len(set(gated)) == 5
+        err = max(err, denoise(unet, gated, inputs, eager))
+        assert graphs() == 5
+
+        denoise(unet, gated, inputs)  # the same generation again
+        denoise(unet, plan(TGate(10, 5, 1, 2), 16, cfg=True), inputs)  # fewer steps, the same phases
+        assert graphs() == 5
+
+        # fi_interval 2 adds one phase, (reuse, reuse, no cfg), whose self-attention caches come
+        # from two different graphs: the gate's mean, then (reuse, cache)
+        other = plan(TGate(5, 3, 2, 1), 25, cfg=True)
+        assert len(set(gated) | set(other)) == 6
+        err = max(err, denoise(unet, other, inputs, eager))
+        assert graphs() == 6
+    assert err <= TOL, err
+
+
+def test_deepcache_tgate_run_compiles_one_graph_per_distinct_step():
+    """DeepCache + TGATE: full and shallow steps are different graphs, one per distinct step plan
+    (8 for 25 steps of TGate(10, 5, 1, 2) with DeepCache(3, 0)), none on a rerun; the deep feature
+    a full step keeps is a graph output like an attention cache, read back by the shallow steps."""
+    eager = small_unet("sd1")
+    unet = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, dynamic=False)  # inductor, as pipe.compile() does
+    inputs = unet_inputs("sd1", 2, torch.Generator().manual_seed(1))
+    steps = plan(TGate(10, 5, 1, 2), 25, cfg=True, deepcache=DeepCache(3, 0))
+    assert len(set(steps)) == 8 and sum(s.deep == "reuse" for s in steps) == 16
+    with torch.inference_mode():
+        err = denoise(unet, steps, inputs, eager)
+        assert graphs() == 8
+        denoise(unet, steps, inputs)  # the same generation again: nothing to compile
+        denoise(unet, plan(TGate(10, 5, 1, 2), 16, cfg=True, deepcache=DeepCache(3, 0)), inputs)
+        assert graphs() == 8
+    assert err <= TOL, err
+
+
+def test_vae_decoder_compiles_one_graph_per_batch_size():
+    g = torch.Generator().manual_seed(0)
+    levels = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
+    eager = AutoencoderKL(VAEConfig.from_dict(dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                                    down_block_types=levels[0], up_block_types=levels[1])))
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    vae = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    counters.clear()
+    vae.decoder.compile(fullgraph=True, dynamic=False)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.inference_mode():
+        got, expected = vae.decode(z), eager.decode(z)
+        vae.use_slicing = True  # one image at a time: batch 1, a second graph
+        sliced = vae.decode(z + 1)
+        vae.decode(z - 1)  # a new input of a compiled shape: nothing to compile
+        expected_sliced = eager.decode(z + 1)
+    assert graphs() == 2
+    assert (got - expected).abs().max() / expected.abs().max() <= TOL
+    assert (sliced - expected_sliced).abs().max() / expected_sliced.abs().max() <= TOL
