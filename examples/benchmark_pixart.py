@@ -4,7 +4,7 @@ PixArt-Alpha's real transformer (the preset config, 0.6 B parameters, random wei
 and a T5 of T5-v1.1-XXL's width with fewer layers (random weights), at 1024 px and 25 steps.
 Prints the largest image difference per dtype and, on a GPU, the denoising times.
 
-    python examples/benchmark_pixart.py --device cuda              # what the README's figures ran
+    python examples/benchmark_pixart.py --device cuda              # what docs/measurements.md's figures ran
     python examples/benchmark_pixart.py --small                    # a quick CPU run of the script
 
 Needs the test extra (diffusers, transformers, tgate, sentencepiece: a T5 tokenizer is trained

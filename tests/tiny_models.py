@@ -1,7 +1,13 @@
 """Tiny random-weight SD / SDXL / LCM checkpoints built with diffusers and transformers and saved
-in the real diffusers layout, with the real CLIP vocabulary (mini_tgate/clip)."""
+in the real diffusers layout, with the real CLIP vocabulary (mini_tgate/clip).
 
+Each checkpoint is built once per test session (`built_once`) and copied into the folder each
+caller asks for, so that a test may change its copy."""
+
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -60,10 +66,32 @@ def sdxl_unet(lcm=False, seed=0):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), time_cond_proj_dim=16 if lcm else None), seed)
 
 
+_BUILT = tempfile.TemporaryDirectory(prefix="tiny-models-")  # removed when the session ends
+_TEMPLATES: dict[str, tuple[Path, torch.Tensor]] = {}
+
+
+def built_once(make):
+    """`make(folder, ...)` runs once per session for each set of arguments; every call copies that
+    folder into its own, and leaves torch's global random state as `make` itself would."""
+    @functools.wraps(make)
+    def save(folder, *args, **kwargs):
+        key = f"{make.__name__}{args}{sorted(kwargs.items())}"
+        if key not in _TEMPLATES:
+            template = Path(_BUILT.name) / str(len(_TEMPLATES))
+            make(template, *args, **kwargs)
+            _TEMPLATES[key] = template, torch.random.get_rng_state()
+        template, state = _TEMPLATES[key]
+        shutil.copytree(template, folder, dirs_exist_ok=True)
+        torch.random.set_rng_state(state)
+        return folder
+    return save
+
+
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 
 
+@built_once
 def save_sd(folder, prediction_type="epsilon", lcm=False):
     """An SD-1 style checkpoint (SD-2 style linear projections and gelu when v-prediction)."""
     v = prediction_type == "v_prediction"
@@ -76,6 +104,7 @@ def save_sd(folder, prediction_type="epsilon", lcm=False):
     return folder
 
 
+@built_once
 def save_sdxl(folder, lcm=False):
     pipe = StableDiffusionXLPipeline(
         unet=sdxl_unet(lcm=lcm), vae=vae(), text_encoder=text_encoder(32, "quick_gelu"),

@@ -32,6 +32,7 @@ CLI_MAX_SIDE = 4096  # generate/batch --height/--width
 CLI_MAX_STEPS = 1000
 CLI_MAX_IMAGES = 1000  # images of one `generate` run
 CLI_MAX_BATCH_SIZE = 64  # --batch-size: images denoised together
+CLI_MAX_THREADS = 1024  # batch --threads: CPU threads of one process
 BATCH_MAX_IMAGES = 1_000_000  # images of one `batch` job
 BATCH_MAX_PROMPT_FILE = 64 << 20  # bytes of a prompt file
 BATCH_MAX_PROMPT_CHARS = 2000  # characters of a prompt or negative prompt

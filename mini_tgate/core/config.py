@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS
+from .bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS, int_in, is_int
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,7 @@ def out_of_range(value) -> bool:
         return any(out_of_range(v) for v in value)
     if isinstance(value, float):
         return not math.isfinite(value)
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT
+    return is_int(value) and abs(value) > MAX_INT
 
 
 def short(value) -> str:
@@ -91,7 +91,7 @@ class _FromDict:
         """`field` is an integer in [low, high] (or, with `each`, an int or a non-empty list of them)."""
         value = getattr(self, field)
         values = list(value) if each and isinstance(value, (list, tuple)) else [value]
-        ok = values and all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values)
+        ok = values and all(int_in(v, low, high) for v in values)
         if not ok:
             what = "integers" if each and isinstance(value, (list, tuple)) else "an integer"
             raise ConfigError(f"{self.component or type(self).__name__} config {field}={short(value)}: "

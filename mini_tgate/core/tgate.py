@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .bounds import is_int
+
 # What one attention module does at one step (attention.py acts on these).
 COMPUTE = "compute"        # compute, keep nothing
 CACHE = "cache"            # compute and cache the output
@@ -53,8 +55,9 @@ class TGate:
     def __post_init__(self):
         for name, low in (("gate_step", 1), ("sp_interval", 1), ("fi_interval", 1), ("warm_up", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not (is_int(value) and value >= low):
                 raise ValueError(f"TGate {name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer becomes a Python one
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,17 @@ class DeepCache:
     def __post_init__(self):
         for name, low in (("interval", 1), ("branch", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not (is_int(value) and value >= low):
                 raise ValueError(f"DeepCache {name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+
+def check_gate_types(tgate, deepcache) -> None:
+    """A TypeError unless `tgate` is a TGate or None and `deepcache` a DeepCache or None."""
+    if tgate is not None and not isinstance(tgate, TGate):
+        raise TypeError(f"tgate must be a mini_tgate.TGate or None, got {type(tgate).__name__}")
+    if deepcache is not None and not isinstance(deepcache, DeepCache):
+        raise TypeError(f"deepcache must be a mini_tgate.DeepCache or None, got {type(deepcache).__name__}")
 
 
 @dataclass(frozen=True)

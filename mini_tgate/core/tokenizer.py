@@ -31,7 +31,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .bounds import MAX_MODEL_MAX_LENGTH
+from .bounds import MAX_MODEL_MAX_LENGTH, int_in, is_int
 from .weights import CheckpointError, read_json, resolve, write_json
 
 # OpenAI's word pattern: the two special tokens, contractions, runs of letters, one digit at a
@@ -43,6 +43,33 @@ CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 NO_LIMIT = int(1e20)
 SPECIAL_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def check_model_max_length(length, low: int) -> int:
+    """A tokenizer's model_max_length, checked: an integer from `low` (the tokens that frame a
+    prompt: CLIP's BOS + EOS, T5's EOS) to MAX_MODEL_MAX_LENGTH; a ValueError otherwise."""
+    if not int_in(length, low, MAX_MODEL_MAX_LENGTH):
+        raise ValueError(f"tokenizer model_max_length must be an integer from {low} to {MAX_MODEL_MAX_LENGTH}, "
+                         f"got {length!r}")
+    return int(length)
+
+
+def config_max_length(config: dict, default: int):
+    """The model_max_length a tokenizer_config.json names (`default` when absent); transformers'
+    "no limit" (NO_LIMIT or more) also reads as `default`. Not checked yet."""
+    length = config.get("model_max_length", default)
+    if (is_int(length) or isinstance(length, float)) and length >= NO_LIMIT:
+        return default
+    return length
+
+
+def tokenizer_folder(source, subfolder: str | None, local_files_only: bool, cache_dir, revision) -> Path:
+    """The local folder of the tokenizer in `subfolder` of a folder or hub repo (only its files are fetched)."""
+    folder = resolve(source, None, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
+    folder = folder / subfolder if subfolder else folder
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: missing tokenizer folder")
+    return folder
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:
@@ -80,11 +107,7 @@ class CLIPTokenizer:
         # Of several entries with the same text, the last one's flags win.
         tok.add_tokens(added_tokens)
         self.tokenizer = tok
-        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) \
-                or not 2 <= model_max_length <= MAX_MODEL_MAX_LENGTH:
-            raise ValueError(f"tokenizer model_max_length must be an integer from 2 to {MAX_MODEL_MAX_LENGTH}, "
-                             f"got {model_max_length!r}")
-        self.model_max_length = model_max_length
+        self.model_max_length = check_model_max_length(model_max_length, 2)  # BOS + EOS at least
         self.bos_token_id, self.eos_token_id, self.pad_token_id = (
             self.token_id(t) for t in (bos_token, eos_token, pad_token))
 
@@ -104,10 +127,7 @@ class CLIPTokenizer:
     def from_pretrained(cls, source, subfolder: str | None = "tokenizer", local_files_only: bool = False,
                         cache_dir=None, revision: str | None = None) -> CLIPTokenizer:
         """The tokenizer of a folder or hub repo (only `subfolder`'s files are fetched)."""
-        folder = resolve(source, None, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
-        folder = folder / subfolder if subfolder else folder
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: missing tokenizer folder")
+        folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision)
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         listed = []  # added tokens with their ids and flags
         if (folder / "tokenizer.json").is_file():
@@ -135,9 +155,7 @@ class CLIPTokenizer:
         added = [added_token(t) for t in sorted(listed, key=lambda t: t["id"])]
         specials = {k: added_token(names.get(k) or v) for k, v in SPECIAL_DEFAULTS.items()}
         added += [t for t in specials.values() if t.content not in {a.content for a in added}]
-        length = config.get("model_max_length", 77)
-        if isinstance(length, (int, float)) and not isinstance(length, bool) and length >= NO_LIMIT:
-            length = 77  # transformers' "no limit"
+        length = config_max_length(config, 77)
         try:
             return cls(vocab, merges, added_tokens=added, model_max_length=length,
                        **{k: t.content for k, t in specials.items()})

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, clear_gate, set_gate
+from .bounds import int_in
 from .config import UNetConfig
 from .tgate import CACHE, COMPUTE, REUSE, StepPlan
 from .weights import PretrainedMixin
@@ -358,7 +359,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         `block` (0 is the outermost). A layer past the block's last (DeepCache numbers up to 3 in
         every block) splits where the last one would: DeepCache computes the same image there."""
         n = len(self.down_blocks)
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < 3 * n:
+        if not int_in(branch, 0, 3 * n - 1):
             raise ValueError(f"DeepCache branch must be an integer from 0 to {3 * n - 1} for this UNet "
                              f"({n} blocks, 3 branches each), got {branch!r}")
         block = branch // 3

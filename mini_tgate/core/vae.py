@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bounds import is_int, is_number
 from .config import VAEConfig
 from .weights import PretrainedMixin
 
@@ -355,8 +356,8 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         """
         pixels, latents, overlap, f = (self.tile_sample_min_size, self.tile_latent_min_size,
                                        self.tile_overlap_factor, self.factor)
-        if not (all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (pixels, latents))
-                and isinstance(overlap, (int, float)) and 0 <= overlap < 1):
+        if not (all(is_int(n) and n >= 1 for n in (pixels, latents))
+                and is_number(overlap) and 0 <= overlap < 1):
             raise ValueError(f"VAE tiling needs tile_sample_min_size and tile_latent_min_size integers >= 1 "
                              f"and tile_overlap_factor in [0, 1), got {pixels!r}, {latents!r}, {overlap!r}")
         decode_step, decode_blend = int(latents * (1 - overlap)), int(pixels * overlap)

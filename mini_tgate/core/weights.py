@@ -34,7 +34,7 @@ from typing import BinaryIO, NamedTuple
 import torch
 from torch import nn
 
-from .bounds import MAX_FILE_BYTES, MAX_HEADER_BYTES, MAX_JSON_BYTES, MAX_TENSORS
+from .bounds import MAX_FILE_BYTES, MAX_HEADER_BYTES, MAX_JSON_BYTES, MAX_TENSORS, some
 from .config import CLIPTextConfig, ConfigError
 
 
@@ -408,8 +408,7 @@ def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") 
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("shape mismatches", mismatched)):
         if keys:
-            more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
-            problems.append(f"{len(keys)} {what}: {', '.join(keys[:5])}{more}")
+            problems.append(f"{len(keys)} {what}: {some(keys)}")
     if problems:
         raise CheckpointError(f"{where} does not match {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)

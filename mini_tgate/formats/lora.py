@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 import weakref
@@ -50,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_METADATA_BYTES, MAX_LORA_TENSORS
+from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_METADATA_BYTES, MAX_LORA_TENSORS, is_number, some
 from ..core.weights import PICKLE_SUFFIXES, CheckpointError, is_network_error, is_repo_id, read_file
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -292,21 +291,12 @@ def lora_layers(lora: LoraFile, models: dict[str, nn.Module]) -> list[LoraLayer]
         raise CheckpointError(f"{lora.name}: has LoRA weights for {', '.join(sorted(absent))}, which this "
                               f"pipeline does not have (it has {', '.join(models)})")
     if unknown:
-        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise CheckpointError(f"{lora.name}: {len(unknown)} keys match no layer of the pipeline: "
-                              f"{', '.join(unknown[:5])}{more} (LoRA formats read: diffusers/PEFT, kohya/A1111)")
+                              f"{some(unknown)} (LoRA formats read: diffusers/PEFT, kohya/A1111)")
     if not groups:
         raise CheckpointError(f"{lora.name}: holds no LoRA weights")
     return [checked_layer(lora, model_name, path, indexes[model_name].layers[path].weight, group)
             for (model_name, path), group in groups.items()]
-
-
-def finite(x) -> bool:
-    """A real number, not a bool, finite as a float (a Python int may be too large for one)."""
-    try:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
-    except OverflowError:
-        return False
 
 
 def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int, where: str) -> float:
@@ -329,7 +319,7 @@ def peft_alpha(metadata: dict | None, model_name: str, path: str, rank: int, whe
             raise CheckpointError(f"{where}: alpha_pattern {p!r}: regular expressions are not supported, "
                                   "only layer names")
     alpha = next((a for p, a in patterns.items() if path == p or path.endswith("." + p)), get("lora_alpha", rank))
-    if not finite(alpha):
+    if not is_number(alpha):
         raise CheckpointError(f"{where}: alpha must be a finite number, got {alpha!r}")
     if get("use_rslora", False):
         alpha = alpha * math.sqrt(rank)  # PEFT's rsLoRA factor alpha / sqrt(rank) = (alpha * sqrt(rank)) / rank
@@ -383,7 +373,7 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
     large for the weight's dtype) undoes the layers merged before it. Refused while a model a
     loaded LoRA was merged into has been replaced (pipe.unet = other): unfuse_all first. The
     caller holds the pipeline's call lock."""
-    if not finite(scale):
+    if not is_number(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r:.40}")
     scale = float(scale)
     adapters = vars(pipe).setdefault("lora_adapters", {})    # name -> (source, scale), in load order

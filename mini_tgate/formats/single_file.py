@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.bounds import PREDICTION_TYPES
+from ..core.bounds import PREDICTION_TYPES, some
 from ..core.clip import CLIPTextModel
 from ..core.config import CLIPTextConfig, UNetConfig, VAEConfig
 from ..core.schedulers import scheduler_from_config
@@ -117,10 +117,10 @@ def detect_kind(keys, name="the state dict") -> str:
     """sd1, sd2 or sdxl, from the text encoders the file holds (the UNets differ in shapes only).
     Errors say `name` and a few of the keys."""
     keys = set(keys)
-    some = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    held = some(sorted(keys), 3)
     if not any(k.startswith(UNET) for k in keys) or not any(k.startswith(VAE) for k in keys):
         raise CheckpointError(f"{name}: not a Stable Diffusion checkpoint in the LDM layout: no keys under "
-                              f"'{UNET}' (UNet) and '{VAE}' (VAE); it holds {some}")
+                              f"'{UNET}' (UNet) and '{VAE}' (VAE); it holds {held}")
     if any(k.startswith(SDXL_OPENCLIP) for k in keys) and any(k.startswith(SDXL_CLIP) for k in keys):
         return "sdxl"
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
@@ -298,9 +298,8 @@ def rename_table(keys, kind: str, name="the state dict") -> dict[tuple[str, str]
                 raise CheckpointError(f"{name}: {table[component, new][0]} and {key} are both the {component}'s {new}")
             table[(component, new)] = (key, how)
     if unknown:
-        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise CheckpointError(f"{name}: {len(unknown)} keys of the {kind} checkpoint match no part of the pipeline: "
-                              f"{', '.join(unknown[:5])}{more}")
+                              f"{some(unknown)}")
     return table
 
 
@@ -342,9 +341,8 @@ def build(model_class, config, state: dict, keys: dict[str, str], path: Path, co
     problems += [f"{keys[k]} ({k}): file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{path}: its {component} does not fit the {component} config "
-                              f"({len(problems)} problems: {', '.join(problems[:5])}{more})")
+                              f"({len(problems)} problems: {some(problems)})")
     return model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.bounds import MAX_LAYERS
+from ..core.bounds import MAX_LAYERS, is_int, is_number
 from ..core.config import ConfigError, _FromDict
 
 
@@ -75,7 +75,7 @@ class PixArtTransformerConfig(_FromDict):
         for name in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers",
                      "sample_size", "patch_size", "num_embeds_ada_norm"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not (is_int(value) and value >= 1):
                 raise ConfigError(f"transformer config {name} must be a positive integer, got {value!r}")
         if self.sample_size < self.patch_size:
             raise ConfigError(f"transformer config sample_size={self.sample_size} is smaller than "
@@ -91,7 +91,7 @@ class PixArtTransformerConfig(_FromDict):
         if self.additional_conditions and self.inner_dim % 3:  # timestep + resolution (2/3) + aspect ratio (1/3)
             raise ConfigError(f"transformer width {self.inner_dim} must be a multiple of 3 with "
                               "use_additional_conditions (resolution and aspect-ratio embeddings)")
-        if not (isinstance(self.pos_interpolation, (int, float)) and self.pos_interpolation > 0):
+        if not (is_number(self.pos_interpolation) and self.pos_interpolation > 0):
             raise ConfigError(f"transformer config interpolation_scale must be positive, got {self.interpolation_scale!r}")
 
 

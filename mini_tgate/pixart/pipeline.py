@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.bounds import MAX_SEQUENCE_LENGTH
+from ..core.bounds import MAX_SEQUENCE_LENGTH, int_in
 from ..core.pipeline import DiffusionPipeline
 from ..core.schedulers import Scheduler
 from ..core.vae import AutoencoderKL
@@ -86,7 +86,8 @@ class PixArtAlphaPipeline(LoraMixin, DiffusionPipeline):
         return (*aspect_ratio_bin(height, width, self.bin_tables[sample_size], unit), (height, width))
 
     def check_embeddings(self, n_prompts, prompt_embeds, negative_prompt_embeds, conditioning):
-        super().check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        """Attention masks come with their embeddings, of their (batch, tokens); max_sequence_length
+        is bounded."""
         for embeds, name, mask in ((prompt_embeds, "prompt_embeds", "prompt_attention_mask"),
                                    (negative_prompt_embeds, "negative_prompt_embeds", "negative_prompt_attention_mask")):
             x = conditioning.get(mask)
@@ -97,7 +98,7 @@ class PixArtAlphaPipeline(LoraMixin, DiffusionPipeline):
                 raise ValueError(f"{mask} must be a tensor of shape {tuple(embeds.shape[:2])} (1 for tokens, "
                                  f"0 for padding), got {got}")
         n = conditioning.get("max_sequence_length", self.max_sequence_length)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SEQUENCE_LENGTH:
+        if not int_in(n, 1, MAX_SEQUENCE_LENGTH):
             raise ValueError(f"max_sequence_length must be an integer from 1 to {MAX_SEQUENCE_LENGTH}, got {n!r}")
 
     def encode_prompt(self, prompts, negatives, cfg, height, width, device, prompt_embeds=None,

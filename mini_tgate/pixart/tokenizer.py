@@ -40,9 +40,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
 
-from ..core.bounds import MAX_EXTRA_IDS, MAX_MODEL_MAX_LENGTH, MAX_SPIECE_BYTES, MAX_T5_PROMPT_CHARS
-from ..core.tokenizer import NO_LIMIT, CLIPTokenizer
-from ..core.weights import CheckpointError, read_json, resolve, write_json
+from ..core.bounds import MAX_EXTRA_IDS, MAX_MODEL_MAX_LENGTH, MAX_SPIECE_BYTES, MAX_T5_PROMPT_CHARS, int_in
+from ..core.tokenizer import CLIPTokenizer, check_model_max_length, config_max_length, tokenizer_folder
+from ..core.weights import CheckpointError, read_json, write_json
 
 
 def protobuf_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -138,7 +138,7 @@ def read_t5_tokenizer_json(path: Path) -> tuple[list[tuple[str, float]], int, by
     if not all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], (int, float))
                for v in vocab):
         raise CheckpointError(f"{path}: the Unigram vocabulary must be [piece, score] pairs")
-    if isinstance(unk_id, bool) or not isinstance(unk_id, int) or not 0 <= unk_id < len(vocab):
+    if not int_in(unk_id, 0, len(vocab) - 1):
         raise CheckpointError(f"{path}: unk_id {unk_id!r} is not one of its {len(vocab)} pieces")
     normalizer = data.get("normalizer") or {}
     steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
@@ -172,11 +172,7 @@ class T5Tokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in (pad_token, eos_token, unk_token, *extra_tokens)])
         self.tokenizer = tok
-        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) \
-                or not 1 <= model_max_length <= MAX_MODEL_MAX_LENGTH:
-            raise ValueError(f"tokenizer model_max_length must be an integer from 1 to {MAX_MODEL_MAX_LENGTH}, "
-                             f"got {model_max_length!r}")
-        self.model_max_length = model_max_length
+        self.model_max_length = check_model_max_length(model_max_length, 1)  # EOS at least
         self.special_tokens = dict(eos_token=eos_token, pad_token=pad_token, unk_token=unk_token)
         self.extra_tokens = list(extra_tokens)
         self.eos_token_id, self.pad_token_id = (self.token_id(t) for t in (eos_token, pad_token))
@@ -188,16 +184,13 @@ class T5Tokenizer:
                         cache_dir=None, revision: str | None = None) -> T5Tokenizer:
         """The tokenizer of a folder or hub repo: `tokenizer.json`, or else `spiece.model`, with
         `tokenizer_config.json` / `special_tokens_map.json` naming the special tokens."""
-        folder = resolve(source, None, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
-        folder = folder / subfolder if subfolder else folder
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: missing tokenizer folder")
+        folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision)
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second wins, as in transformers
             if (folder / name).is_file():
                 config.update(read_json(folder / name))
         extra_ids = config.get("extra_ids", 100)
-        if isinstance(extra_ids, bool) or not isinstance(extra_ids, int) or not 0 <= extra_ids <= MAX_EXTRA_IDS:
+        if not int_in(extra_ids, 0, MAX_EXTRA_IDS):
             raise CheckpointError(f"{folder}: extra_ids must be an integer from 0 to {MAX_EXTRA_IDS}, got {extra_ids!r}")
         if (folder / "tokenizer.json").is_file():
             vocab, unk_id, charsmap = read_t5_tokenizer_json(folder / "tokenizer.json")  # sentinels included
@@ -209,9 +202,7 @@ class T5Tokenizer:
         listed = config.get("additional_special_tokens")
         extra = [token_text(t, "") for t in listed] if isinstance(listed, list) else []
         extra = [t for t in extra if t] or [f"<extra_id_{i}>" for i in range(extra_ids)]
-        length = config.get("model_max_length", 512)
-        if isinstance(length, (int, float)) and not isinstance(length, bool) and length >= NO_LIMIT:
-            length = 512  # transformers' "no limit"; T5 was trained on 512 tokens
+        length = config_max_length(config, 512)  # "no limit": T5 was trained on 512 tokens
         try:
             return cls(vocab, unk_id, charsmap, eos_token=token_text(config.get("eos_token"), "</s>"),
                        pad_token=token_text(config.get("pad_token"), "<pad>"),
@@ -247,7 +238,7 @@ class T5Tokenizer:
         then `</s>`, then `<pad>` (0); the mask is 1 on the tokens and `</s>`, 0 on the padding.
         max_length defaults to model_max_length (PixArt passes 120 for Alpha, 300 for Sigma)."""
         n = self.model_max_length if max_length is None else max_length
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_MODEL_MAX_LENGTH:
+        if not int_in(n, 1, MAX_MODEL_MAX_LENGTH):
             raise ValueError(f"max_length must be an integer from 1 to {MAX_MODEL_MAX_LENGTH}, got {n!r}")
         ids, mask = [], []
         for row in self.encode(prompts):

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..core.clip import CLIPTextModel
-from ..core.pipeline import DiffusionPipeline, as_list, check_embeds
+from ..core.inputs import as_list, check_embeds
+from ..core.pipeline import DiffusionPipeline
 from ..core.schedulers import Scheduler
 from ..core.tokenizer import CLIPTokenizer
 from ..core.unet import UNet2DConditionModel
@@ -123,7 +124,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                     force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
 
     def check_embeddings(self, n_prompts, prompt_embeds, negative_prompt_embeds, conditioning):
-        super().check_embeddings(n_prompts, prompt_embeds, negative_prompt_embeds, conditioning)
+        """Pooled embeddings come with their embeddings, one row per prompt; prompt_2 and
+        negative_prompt_2 are one prompt or one per prompt."""
         for embeds, name, pooled in ((prompt_embeds, "prompt_embeds", "pooled_prompt_embeds"),
                                      (negative_prompt_embeds, "negative_prompt_embeds", "negative_pooled_prompt_embeds")):
             x = conditioning.get(pooled)

@@ -1,4 +1,4 @@
-"""`python -m mini_tgate batch` (mini_tgate/batch.py): the same files from one process or two
+"""`python -m mini_tgate batch` (mini_tgate/cli/batch.py, cli/jobs.py): the same files from one process or two
 (torchrun, gloo), a killed rank then a rerun, resumed runs that redo only what is missing, the
 --compare-tgate summary against Pillow's reading of the files, and the bad-input errors."""
 
@@ -16,7 +16,8 @@ import torch
 from PIL import Image as PILImage
 
 import mini_tgate
-from mini_tgate.cli import batch, main
+from mini_tgate.cli import jobs as batch
+from mini_tgate.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -118,7 +119,7 @@ def test_torchrun_two_processes_make_the_same_files(single, prompt_file, tmp_pat
 
 KILL_RANK_1 = """
 import os, signal, sys
-import mini_tgate.cli.batch as batch
+import mini_tgate.cli.jobs as batch
 from mini_tgate.__main__ import main
 
 real, calls = batch.save_png, []
@@ -215,7 +216,7 @@ def test_resumed_run_makes_only_the_missing_batches(pipe, tmp_path):
 def test_a_finished_job_loads_nothing(prompt_file, single, capsys, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(mini_tgate.cli, "load_from_options", fail)
+    monkeypatch.setattr(mini_tgate.cli.batch, "load_from_options", fail)
     assert main(["batch", str(prompt_file), "--out", str(single), *OPTIONS]) == 0
     assert "10 images (0 made now, 10 there already)" in capsys.readouterr().out
 

@@ -159,7 +159,7 @@ def test_a_batch_of_two_line_images_is_one_pipeline_call(files):
 def test_refused_before_loading(files, monkeypatch, capsys, entries, args, message):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded")
-    monkeypatch.setattr(mini_tgate.cli, "load_from_options", fail)
+    monkeypatch.setattr(mini_tgate.cli.batch, "load_from_options", fail)
     monkeypatch.chdir(files)
     prompts = files / "p.txt" if entries is None else jsonl(files, *entries)
     assert main(["batch", str(prompts), "--out", str(files / "out"), *args, *OPTIONS]) == 1

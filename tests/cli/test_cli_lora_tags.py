@@ -19,7 +19,7 @@ from tiny_models import save_sd
 
 from mini_tgate import cli as cli
 from mini_tgate.cli import main, prompt_tags
-from mini_tgate.cli.batch import untagged
+from mini_tgate.cli.loras import untagged
 from mini_tgate.formats.png import read_png_text
 
 PROMPT = "a red circle on a blue background"
@@ -116,7 +116,7 @@ def test_same_name_twice_is_merged_twice_at_the_last_multiplier(model, lora_dir,
 @pytest.fixture
 def refused(lora_dir, monkeypatch, capsys):
     """`generate ARGS` must end before loading, in one `error:` line: that line."""
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli.options, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
 
     def run(*args, lora_dir_option=True):
         rc = main(["generate", *args, "--out", str(lora_dir.parent / "never.png")]
@@ -178,7 +178,7 @@ def test_batch_tags_match_the_lora_option_and_reruns_check_them(model, lora_dir,
 
 
 def test_batch_lines_naming_other_loras_are_refused(lora_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli.options, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a <lora:other>"}\n\n{"prompt": "b <lora:other> <lora:other:2>", "negative": "<lora:x>"}\n')
     assert main(["batch", str(path), "--out", str(tmp_path / "o"), "--lora-dir", str(lora_dir)]) == 1

@@ -591,7 +591,7 @@ def test_cli_bad_lora_is_one_line_before_loading(folders, tmp_path, monkeypatch,
     from mini_tgate import cli as cli
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(cli.options, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     assert cli.main(["generate", PROMPT, "--model", str(folders["sd"]), "--lora", value]) != 0
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -310,7 +310,7 @@ def test_gated_img2img_keeps_the_layout(shapes_model):
 def test_cli_image_and_strength(shapes_model, tmp_path, monkeypatch, capsys):
     """`examples/sample.py` (generate with a default prompt) `--image PATH --strength S` saves what the
     Python API makes from the same file and seed."""
-    from mini_tgate.cli import si
+    from mini_tgate.cli.generate import si
 
     pipe = shapes_model
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,134 @@
+"""Where a pipeline runs and who may run it: device and dtype moves, model CPU offload, the call
+lock, the early stop, the progress bar and torch.compile. None of it is the method; the pipeline
+(pipeline.py) inherits it so that its own class holds only the call and the loop."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Self
+
+import torch
+
+
+@contextmanager
+def on_device(models: list, device):
+    """Model CPU offload: the models on `device` for the block, back on the CPU after it.
+    device None: leave them where they are."""
+    if device is None:
+        yield
+        return
+    for m in models:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
+def progress_bar(total: int, config: dict):
+    """A tqdm bar over the steps with the pipeline's options (set_progress_bar_config), or None."""
+    if config.get("disable", True):
+        return None
+    from tqdm.auto import tqdm  # comes with huggingface-hub
+
+    return tqdm(total=total, **{"unit": "step", **config})
+
+
+class RuntimeMixin:
+    """A pipeline's parts on their device and dtype, one call at a time. The class using it has
+    `denoiser`, `vae` and `text_encoder` (SDXL: `text_encoders()` names both)."""
+
+    def __init__(self):
+        self.progress_bar_config = {"disable": True}  # tqdm options; quiet unless asked
+        self.offload_device: torch.device | None = None  # see enable_model_cpu_offload
+        # The lock of one generation at a time (see exclusive_call), and the thread holding it.
+        self.call_lock, self.call_owner = threading.Lock(), None
+        self._interrupt = False  # diffusers' early stop, set by a step callback
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def text_encoders(self) -> list:
+        return [self.text_encoder]
+
+    def models(self) -> list:
+        return [self.denoiser, self.vae, *self.text_encoders()]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Self:
+        """Move every model (diffusers' `pipe.to("cuda")`, `pipe.to(torch.float16)`, or both).
+        In float16 the VAE stays in float32 when its config says force_upcast, as load_pipeline
+        does. Giving a device ends model CPU offload."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device if dtype is None else dtype
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        with self.exclusive_call():  # not under a running generation
+            for m in self.models():
+                m.to(device=device, dtype=dtype)
+            if self.vae.needs_upcast:
+                self.vae.float()
+            if device is not None:
+                self.offload_device = None
+        return self
+
+    def enable_model_cpu_offload(self, device="cuda") -> None:
+        """Keep the weights on the CPU; each part (text encoders, UNet, VAE) moves to `device` only
+        while it runs, then back: the GPU holds one part at a time. Explicit moves in the call,
+        not hooks (see on_device)."""
+        device = torch.device(device)
+        with self.exclusive_call():
+            for m in self.models():
+                m.to("cpu")
+            self.offload_device = device
+
+    @contextmanager
+    def exclusive_call(self):
+        """Hold the call lock. The UNet's attention modules hold the TGATE gate and caches, and
+        offloading moves the models: one call at a time may use them. A call from inside a call
+        (a step callback calling the pipeline) would clear the caches of the call it interrupts:
+        refused rather than deadlocked."""
+        if self.call_owner == threading.get_ident():
+            raise RuntimeError(f"{type(self).__name__} was called from inside one of its own calls (a step "
+                               "callback?); that would overwrite the running call's attention caches")
+        with self.call_lock:
+            self.call_owner, self._interrupt = threading.get_ident(), False
+            try:
+                yield
+            finally:
+                self.call_owner = None
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising loop's bar, as diffusers: disable=False shows it (the
+        default here is quiet); a call's `progress=True/False` overrides `disable`."""
+        self.progress_bar_config = {"disable": False, **kwargs} if "disable" not in kwargs else dict(kwargs)
+
+    def compile(self, mode: str | None = None) -> Self:
+        """torch.compile the hot path in place: the denoiser (fullgraph, channels_last) and the VAE
+        decoder. The gate is a Python string per attention module, so a TGATE run compiles one
+        graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2) (eight
+        with DeepCache(3, 0): full and shallow steps differ), and none again on later calls
+        (tests/test_compile.py counts them).
+
+        CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: a replay may overwrite
+        the outputs of the previous one, and the attention caches are such outputs."""
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"mode={mode!r} uses CUDA graphs, which would overwrite the TGATE caches; "
+                             "use None or 'max-autotune-no-cudagraphs'")
+        # one graph per (step plan, shape): dynamo's default limit of 8 per function would make a
+        # second image size a hard error under fullgraph
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.denoiser.to(memory_format=torch.channels_last)
+        self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
+        self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)
+        return self
