@@ -72,6 +72,7 @@ MAX_INT = 2**20  # every integer of a config, lists included
 MAX_LAYERS = 256  # the layers of one stack
 MAX_BLOCKS = 16  # UNet / VAE resolution levels (SD: 4)
 MAX_TRAIN_TIMESTEPS = 100_000  # a scheduler config's abar_t table (1000 in practice)
+MAX_SIGMA = 2.0**63  # a scheduler's sigma_max: init_noise_sigma = sqrt(sigma_max^2 + 1) must fit a float32 (SVD: 700)
 # Prompts are padded to model_max_length tokens (CLIP 77, T5 512): at least BOS + EOS, at most
 # this. transformers writes int(1e30) (or int(1e20)) when a tokenizer has no limit.
 MAX_MODEL_MAX_LENGTH = 16384

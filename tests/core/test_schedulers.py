@@ -507,3 +507,79 @@ def test_euler_ancestral_pipeline_matches_diffusers(tmp_path, one_thread):
     # and the noise matters: another generator gives another image
     other = ours("a red circle", generator=torch.Generator().manual_seed(2), **kw).images
     assert abs(torch.as_tensor(other) - torch.as_tensor(got)).max().item() > 1e-3
+
+
+# ----------------------------------------------------------------------------- SVD: continuous timesteps
+
+SVD = {  # stabilityai/stable-video-diffusion-img2vid-xt: EDM's Karras sigmas, v-prediction (diffusers' SVD tests too)
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "sigma_max": 700.0, "sigma_min": 0.002,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "timestep_type": "continuous",
+    "trained_betas": None, "use_karras_sigmas": True,
+}
+
+
+@pytest.mark.parametrize("n", (1, 4, 14, 25))
+def test_svd_continuous_timesteps_match_diffusers_bit_for_bit(n):
+    """SVD's scheduler for a whole run on seeded random model outputs (`run` asserts sigmas,
+    timesteps and init_noise_sigma equal). Bit-exact, not within a tolerance: the timesteps are
+    the same float32 ln of the same float32 sigmas (torch's log kernel, vectorized or not, gives
+    the same bits), and scale_model_input and step are the same float32 operations in the same
+    order."""
+    ours, theirs = S.EulerDiscreteScheduler.from_config(SVD), reference("EulerDiscreteScheduler", SVD)
+    err = run(ours, theirs, n)
+    assert err == {"scale_model_input": 0.0, "prev_sample": 0.0, "denoised": 0.0}, err
+    assert ours.timesteps.dtype == torch.float32 and len(ours.timesteps) == n
+    assert torch.equal(ours.timesteps, 0.25 * ours.sigmas[:-1].log())  # EDM's c_noise = ln(sigma) / 4
+    assert ours.sigmas[0] == torch.tensor(700.0) and ours.sigmas[-1] == 0  # Karras from sigma_max ...
+    assert n == 1 or ours.sigmas[-2] == torch.tensor(0.002)  # ... down to sigma_min
+    assert torch.equal(ours.init_noise_sigma, (torch.tensor(700.0) ** 2 + 1) ** 0.5)  # "leading": sqrt(max^2 + 1)
+    # add_noise at the start step (img2img's rule: the pipeline sets the begin index first)
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    for sched in (ours, theirs):
+        sched.set_timesteps(n)
+        sched.set_begin_index(min(2, n - 1))
+    t = theirs.timesteps[min(2, n - 1): min(2, n - 1) + 1]
+    assert torch.equal(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
+
+
+def test_svd_video_latents_and_custom_sigmas_match_diffusers(monkeypatch):
+    """Video latents (batch, frames, channels, h, w) step as any tensor; custom sigmas get
+    continuous timesteps too; custom timesteps are refused, as in diffusers."""
+    monkeypatch.setitem(globals(), "SHAPE", (1, 3, 4, 4, 6))  # what `run` draws
+    ours, theirs = S.EulerDiscreteScheduler.from_config(SVD), reference("EulerDiscreteScheduler", SVD)
+    assert max(run(ours, theirs, 25).values()) == 0.0
+    assert max(run(ours, theirs, None, schedule={"sigmas": [700.0, 30.0, 1.5, 0.1, 0.002, 0.0]}).values()) == 0.0
+    assert torch.equal(ours.timesteps, 0.25 * torch.tensor([700.0, 30.0, 1.5, 0.1, 0.002]).log())
+    no_karras = {**SVD, "use_karras_sigmas": False}  # (with Karras sigmas, both refuse custom timesteps for that)
+    with pytest.raises(ValueError, match="continuous"):
+        reference("EulerDiscreteScheduler", no_karras).set_timesteps(timesteps=[999, 500])
+    with pytest.raises(ValueError, match="timestep_type='continuous'"):
+        S.EulerDiscreteScheduler.from_config(no_karras).set_timesteps(timesteps=[999, 500])
+
+
+@pytest.mark.parametrize("config", [
+    # diffusers keeps the training-step timesteps then (sigmas past the training range would all
+    # map to t = 999, where diffusers' lookup of a repeated first timestep takes the second one)
+    {**SVD, "prediction_type": "epsilon", "sigma_min": None, "sigma_max": None},
+    {**SVD, "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None},  # sigma_t at "leading" steps
+    {**SD21, "timestep_type": "continuous", "timestep_spacing": "trailing"},
+], ids=["epsilon-ignores-continuous", "continuous-without-karras", "continuous-sd21-trailing"])
+def test_continuous_timestep_variants_match_diffusers(config):
+    ours, theirs = S.EulerDiscreteScheduler.from_config(config), reference("EulerDiscreteScheduler", config)
+    for n in (4, 14):
+        assert max(run(ours, theirs, n).values()) == 0.0  # bit-exact, as for SVD's own config above
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"timestep_type": "edm"}, r"timestep_type='edm' is not supported here \(supported: \('discrete', 'continuous'\)\)"),
+    ({"timestep_type": None}, "timestep_type"),
+    ({"sigma_min": 700.0, "sigma_max": 0.002}, "sigma_min=700.0 must be below sigma_max=0.002"),
+    ({"sigma_min": 1.0, "sigma_max": 1.0}, "must be below"),
+    ({"sigma_max": 1e30}, r"sigma_max must be below 2\*\*63"),
+    ({"sigma_max": float("inf")}, "sigma_max must be a positive number"),
+])
+def test_svd_config_values_refused(config, match):
+    with pytest.raises(S.ConfigError, match=match):
+        S.EulerDiscreteScheduler.from_config({**SVD, **config})

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import (BETA_DEFAULTS, Scheduler, StepOutput, karras_sigmas, number_list, sigma_to_t,
-                   spaced_timesteps)
+from ..bounds import MAX_SIGMA
+from ..config import ConfigError
+from .base import BETA_DEFAULTS, Scheduler, StepOutput, karras_sigmas, number_list, sigma_to_t, spaced_timesteps
 
 
 class SigmaScheduler(Scheduler):
@@ -60,6 +61,10 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     The UNet, trained on x_vp, sees x / sqrt(sigma^2 + 1) (`scale_model_input`). Sigmas are
     sigma_t interpolated linearly at the (fractional) timesteps, or Karras' schedule, then 0.
+
+    timestep_type="continuous" with v_prediction (SVD; EDM's c_noise, Karras et al. 2022
+    Table 1): the UNet's timestep is 0.25 ln(sigma), a float, not the training step. diffusers
+    ignores "continuous" for the other prediction types (its TODO); so does this class.
     """
 
     defaults = dict(
@@ -73,14 +78,24 @@ class EulerDiscreteScheduler(SigmaScheduler):
         super().__init__(**config)
         self._require(
             interpolation_type=("linear",), use_exponential_sigmas=(False, None), use_beta_sigmas=(False, None),
-            timestep_type=("discrete",), final_sigmas_type=("zero", "sigma_min"),
+            timestep_type=("discrete", "continuous"), final_sigmas_type=("zero", "sigma_min"),
         )
+        c = self.config
+        # (check_config_values has made both None or positive numbers) Karras' schedule runs from
+        # sigma_max down to sigma_min; init_noise_sigma = sqrt(sigma_max^2 + 1) must fit a float32
+        if c.sigma_min is not None and c.sigma_max is not None and not c.sigma_min < c.sigma_max:
+            raise ConfigError(f"EulerDiscreteScheduler: sigma_min={c.sigma_min!r} must be below "
+                              f"sigma_max={c.sigma_max!r}")
+        if c.sigma_max is not None and not c.sigma_max < MAX_SIGMA:
+            raise ConfigError(f"EulerDiscreteScheduler: sigma_max must be below 2**63, got {c.sigma_max!r}")
+        self._continuous = c.timestep_type == "continuous" and c.prediction_type == "v_prediction"
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """`timesteps`: strictly decreasing (fractional) timesteps in [0, T-1], sigmas
         interpolated at them, then the final sigma. `sigmas`: the whole schedule, final sigma
         included (n + 1 values for n steps), strictly decreasing and >= 0; the timesteps are
-        interpolated from them, as diffusers does."""
+        interpolated from them, as diffusers does. Continuous timesteps (SVD) are 0.25 ln(sigma)
+        instead, and custom timesteps are refused then, as in diffusers."""
         self._check_steps(num_inference_steps, timesteps, sigmas, supports=("timesteps", "sigmas"))
         c, train = self.config, self._train_sigmas()
         if sigmas is not None:
@@ -89,13 +104,14 @@ class EulerDiscreteScheduler(SigmaScheduler):
                 raise ValueError("custom sigmas must be 2 or more strictly decreasing numbers >= 0, the last being "
                                  f"the final noise level (n + 1 values for n steps), got {sigmas.tolist()!r}")
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas[:-1]])
-            self.sigmas = torch.from_numpy(sigmas)
-            self._set(torch.from_numpy(timesteps.astype(np.float32)), device, len(timesteps))
-            return
+            return self._set_schedule(sigmas, timesteps, device, len(timesteps))
         if timesteps is not None:
             if c.use_karras_sigmas:
                 raise ValueError("custom timesteps cannot be used with use_karras_sigmas=True (Karras' schedule "
                                  "sets its own timesteps); give custom sigmas instead")
+            if self._continuous:
+                raise ValueError("custom timesteps cannot be used with timestep_type='continuous' and v_prediction "
+                                 "(the timesteps are 0.25 ln sigma); give custom sigmas instead")
             timesteps = self._custom_timesteps(timesteps, integers=False).astype(np.float32)
         else:
             timesteps = spaced_timesteps(c, num_inference_steps).astype(np.float32)
@@ -107,8 +123,16 @@ class EulerDiscreteScheduler(SigmaScheduler):
             sigmas = karras_sigmas(lo, hi, n)
             timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
         last = 0.0 if c.final_sigmas_type == "zero" else train[0]
-        self.sigmas = torch.from_numpy(np.append(sigmas, last).astype(np.float32))
-        self._set(torch.from_numpy(timesteps.astype(np.float32)), device, n)
+        self._set_schedule(np.append(sigmas, last).astype(np.float32), timesteps, device, n)
+
+    def _set_schedule(self, sigmas: np.ndarray, timesteps: np.ndarray, device, n: int):
+        """Keep `sigmas` (float32, the final one included) and set `timesteps`, or with continuous
+        timesteps 0.25 ln(sigma) of the float32 sigmas, computed on `device` as diffusers does."""
+        self.sigmas = torch.from_numpy(sigmas)
+        if self._continuous:
+            self._set(0.25 * self.sigmas[:-1].to(device=device).log(), device, n)
+        else:
+            self._set(torch.from_numpy(timesteps.astype(np.float32)), device, n)
 
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         sigma, sigma_next, x, x0 = self._start_step(model_output, timestep, sample)
