@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from mini_tgate.cli import main
-from mini_tgate.core.tgate import TGate
+from mini_tgate.core.tgate import DeepCache, TGate
 from mini_tgate.core.weights import CheckpointError
 from mini_tgate.macs import count_macs
 
@@ -115,3 +115,85 @@ def test_command_line_errors_are_one_line(args, message, tmp_path, capsys):
     assert main(["macs", *args]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(message.format(file=file)), err
+
+
+# SVD-XT (25 frames, 576x1024, 25 steps, guidance 3.0: CFG): an independent count of Linear, Conv2d
+# and Conv3d MACs on diffusers' own UNetSpatioTemporalConditionModel, within 0.05%.
+SVD_XT = [(None, 1609.371), (TGate(10, 5, 1, 2), 1075.381)]
+
+
+@pytest.mark.parametrize("gate,reference", SVD_XT)
+def test_svd_xt_figures(gate, reference):
+    macs = count_macs("svd-xt", 576, 1024, 25, guidance_scale=3.0, tgate=gate, frames=25)
+    assert macs["denoiser"] == "UNetSpatioTemporalConditionModel" and macs["cfg"] and macs["text_len"] == 1
+    assert macs["frames"] == 25 and macs["unet_macs"] == macs["denoiser_macs"]
+    assert abs(macs["denoiser_macs"] / 1e12 / reference - 1) <= 0.0005
+    assert macs["denoiser_macs_with_attention"] > macs["denoiser_macs"]
+
+
+def test_svd_command_line(capsys):
+    assert main(["macs", "--arch", "svd-xt", "--frames", "25", "--height", "576", "--width", "1024", "--steps", "25",
+                 "--guidance-scale", "3.0", "--gate-step", "10", "--sp-interval", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 25 and abs(result["denoiser_macs"] / 1e12 / 1075.381 - 1) <= 0.0005
+    assert main(["macs", "--arch", "svd-xt", "--frames", "0"]) == 1
+    assert capsys.readouterr().err.startswith("error: frames must be an integer from 1 to 4096, got 0")
+
+
+def test_svd_frames_scale_the_count():
+    """The default is the config's num_frames; every layer's work grows with the frames, except the
+    time and added-time embeddings (once per video): 14 frames cost a little more than 14/25."""
+    default, fourteen = count_macs("svd-xt", 576, 1024, 1), count_macs("svd-xt", 576, 1024, 1, frames=14)
+    assert default["frames"] == 25 and fourteen["frames"] == 14
+    assert 14 / 25 < fourteen["denoiser_macs"] / default["denoiser_macs"] < 14 / 25 + 1e-3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(arch="svd-xt", deepcache=DeepCache(3, 0)), "DeepCache is not implemented for SVD's spatio-temporal UNet"),
+    (dict(arch="sd15", frames=25), "frames: only a video UNet (SVD) has frames"),
+    (dict(arch="svd-xt", frames=0), "frames must be an integer from 1 to 4096, got 0"),
+    (dict(arch="svd-xt", frames=2.5), "frames must be an integer from 1 to 4096, got 2.5"),
+])
+def test_svd_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        count_macs(**kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("frames,height,width,guidance", [(3, 64, 96, 1.0), (2, 56, 80, 3.0), (1, 64, 64, 3.0)])
+def test_svd_count_equals_hooks_on_diffusers(frames, height, width, guidance, tmp_path):
+    """A tiny SVD UNet of diffusers, run for real on the CPU with hooks on its Linear, Conv2d and
+    Conv3d layers, does exactly the MACs count_macs counts from its config.json (one step; a
+    guidance above 1 doubles the batch; odd latent sizes included)."""
+    import math
+
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel as RefUNet
+    from torch import nn
+
+    torch.manual_seed(0)
+    ref = RefUNet(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=(1, 2),
+                  transformer_layers_per_block=(1, 2), cross_attention_dim=32, num_attention_heads=(2, 4),
+                  num_frames=3, addition_time_embed_dim=8, projection_class_embeddings_input_dim=3 * 8,
+                  down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                  up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
+    ref.save_config(tmp_path)
+    total = 0
+
+    def hook(module, inputs, out):
+        nonlocal total
+        per_output = module.in_features if isinstance(module, nn.Linear) else \
+            module.in_channels // module.groups * math.prod(module.kernel_size)
+        total += out.numel() * per_output
+
+    layers = [m for m in ref.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))]
+    assert any(isinstance(m, nn.Conv3d) for m in layers)
+    for m in layers:
+        m.register_forward_hook(hook)
+    b = 2 if guidance > 1 else 1
+    with torch.no_grad():
+        ref(torch.randn(b, frames, 8, height // 8, width // 8), torch.tensor([1.0] * b), torch.randn(b, 1, 32),
+            torch.tensor([[6.0, 127.0, 0.02]] * b))
+    macs = count_macs(str(tmp_path / "config.json"), height, width, 1, guidance_scale=guidance, frames=frames)
+    assert macs["per_step"] == [macs["denoiser_macs"]] and macs["cfg"] == (b == 2)
+    assert macs["denoiser_macs"] == total

@@ -19,10 +19,11 @@ def info_command(args) -> None:
 
 
 def add_macs_options(p) -> None:
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl, lcm-sdxl, pixart-alpha, pixart-sigma, "
-                   "or a UNet / PixArt transformer config.json")
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl, lcm-sdxl, pixart-alpha, pixart-sigma, svd-xt, "
+                   "or a UNet / PixArt transformer / SVD UNet config.json")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None, help="frames of a video (SVD only; default: the config's)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=7.5)
     add_gate_options(p, defaults=None)
@@ -32,13 +33,14 @@ def add_macs_options(p) -> None:
 
 def macs_command(args) -> None:
     result = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, gate_from(args),
-                        deepcache=deepcache_from(args))
+                        deepcache=deepcache_from(args), frames=args.frames)
     if args.json:
         print(json.dumps(result))
         return
-    base = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, None)
+    base = count_macs(args.arch, args.height, args.width, args.steps, args.guidance_scale, None, frames=args.frames)
     macs, plain = result["denoiser_macs"], base["denoiser_macs"]
-    print(f"{result['denoiser']} MACs, {args.arch} {result['height']}x{result['width']}, {args.steps} steps, "
+    frames = f" x {result['frames']} frames" if "frames" in result else ""
+    print(f"{result['denoiser']} MACs, {args.arch} {result['height']}x{result['width']}{frames}, {args.steps} steps, "
           f"{'CFG' if result['cfg'] else 'no CFG'}, {result['text_len']} text tokens")
     print(f"  Linear+Conv (the paper's convention): {macs / 1e12:.3f}T"
           f"  (no gate: {plain / 1e12:.3f}T, saving {1 - macs / plain:.1%})")

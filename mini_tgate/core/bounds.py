@@ -46,6 +46,7 @@ MACS_MAX_STEPS = 1000
 MACS_MAX_SIDE = 4096
 MACS_MAX_BATCH = 4096
 MACS_MAX_TEXT_LEN = 4096
+MACS_MAX_FRAMES = 4096  # frames of one SVD video (SVD-XT: 25)
 
 # ----------------------------------------------------------------------------- files read
 # Configs are a few KB and SDXL's largest shard index ~100 KB. A real safetensors header is
@@ -63,6 +64,8 @@ MAX_EXTRA_IDS = 10_000  # T5's sentinel tokens (100)
 MAX_PNG_TEXT = 1 << 20  # bytes of one PNG text value (after decompression)
 MAX_PNG_TOTAL_TEXT = 8 << 20  # bytes of all text values of one PNG together
 MAX_PNG_CHUNKS = 100_000  # chunks of one PNG (64 KiB IDAT chunks: 6.4 GB of image data)
+MAX_APNG_FRAMES = 10_000  # frames of one APNG written (SVD makes 14-25; 10,000: 6.7 min at 25 fps;
+# two chunks a frame, well within MAX_PNG_CHUNKS, so the reader reads every APNG written)
 
 # ----------------------------------------------------------------------------- configs and text
 # No width, count or token id of a supported model comes near these (the largest: T5-XXL's

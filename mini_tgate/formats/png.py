@@ -12,8 +12,12 @@ The chunks written here, in file order:
     IDAT  zlib stream of the rows, each prefixed by a filter-type byte; every row here uses
           filter 2 (Up): each byte minus the byte above it, mod 256 (spec section 9)
     IEND  empty; the end of the file
-Spec: https://www.w3.org/TR/png/. Generation parameters are stored as text chunks: `parameters`
-in the AUTOMATIC1111 convention (read by most SD tools) and `mini_tgate`, the same as JSON.
+An animated PNG (`encode_apng`) adds acTL (frame count, plays) after IHDR, an fcTL (frame control:
+size, offset, delay) before each frame, and stores frame 0 as IDAT (what a viewer without APNG
+support shows), later frames as fdAT (a sequence number, then IDAT's data); the readers here skip
+all three. Spec: https://www.w3.org/TR/png/, https://wiki.mozilla.org/APNG_Specification.
+Generation parameters are stored as text chunks: `parameters` in the AUTOMATIC1111 convention
+(read by most SD tools) and `mini_tgate`, the same as JSON.
 Reading trusts nothing in the file: see the bounds (MAX_PNG_TEXT ...) in the reading section.
 """
 from __future__ import annotations
@@ -27,11 +31,12 @@ import stat
 import struct
 import uuid
 import zlib
+from fractions import Fraction
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from ..core.bounds import MAX_PNG_CHUNKS, MAX_PNG_TEXT, MAX_PNG_TOTAL_TEXT
+from ..core.bounds import MAX_APNG_FRAMES, MAX_PNG_CHUNKS, MAX_PNG_TEXT, MAX_PNG_TOTAL_TEXT, is_number
 from ..version import __version__
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,20 +84,61 @@ def _text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", k + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
-def encode_png(image, text: dict[str, str] | None = None) -> bytes:
-    """The bytes of a PNG file holding `image` (see `to_uint8`) and the text entries."""
-    image = to_uint8(image)
+def _image_data(image: np.ndarray) -> bytes:
+    """IDAT's data for a uint8 (H, W, C) image: the rows, Up-filtered, zlib-compressed."""
     h, w, c = image.shape
-    color = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     rows = image.reshape(h, w * c)
     up = rows.copy()
     up[1:] -= rows[:-1]  # the Up filter (type 2) on every row: each byte minus the byte above, mod 256
-    raw = np.hstack([np.full((h, 1), 2, np.uint8), up])
-    return (SIGNATURE
-            + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-            + b"".join(_text_chunk(k, v) for k, v in (text or {}).items())
-            + _chunk(b"IDAT", zlib.compress(raw.tobytes()))
-            + _chunk(b"IEND", b""))
+    return zlib.compress(np.hstack([np.full((h, 1), 2, np.uint8), up]).tobytes())
+
+
+def _header(image: np.ndarray) -> bytes:
+    h, w, c = image.shape
+    return SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0))
+
+
+def _text_chunks(text: dict[str, str] | None) -> bytes:
+    return b"".join(_text_chunk(k, v) for k, v in (text or {}).items())
+
+
+def encode_png(image, text: dict[str, str] | None = None) -> bytes:
+    """The bytes of a PNG file holding `image` (see `to_uint8`) and the text entries."""
+    image = to_uint8(image)
+    return _header(image) + _text_chunks(text) + _chunk(b"IDAT", _image_data(image)) + _chunk(b"IEND", b"")
+
+
+def apng_delay(fps) -> tuple[int, int]:
+    """The frame delay 1/fps seconds as APNG's (delay_num, delay_den), both 1..65535: exact where
+    it can be (fps 7 -> (1, 7), 29.97 -> (100, 2997)), else the nearest such fraction."""
+    if not is_number(fps) or not 1 / 65535 <= float(fps) <= 65535:
+        raise ValueError(f"fps must be a finite number from 1/65535 to 65535 (an APNG frame delay is "
+                         f"num/den seconds, both 16-bit), got {fps!r}")
+    fps = float(fps)  # a fraction with den <= 65535 and value <= 1 has num <= 65535 too
+    d = Fraction(1 / fps).limit_denominator(65535) if fps >= 1 else 1 / Fraction(fps).limit_denominator(65535)
+    return d.numerator, d.denominator
+
+
+def encode_apng(frames, fps, text: dict[str, str] | None = None) -> bytes:
+    """The bytes of an animated PNG of `frames`, (F, H, W, C) float in [0, 1] or uint8 (see
+    `to_uint8`; C is 3 for a video), shown `fps` frames a second, looping forever, with the
+    text entries. Frame 0 is the image that viewers without APNG support show."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[3] not in CHANNELS.values() or 0 in frames.shape[1:]:
+        raise ValueError(f"expected frames of shape (F, H, W, C) with C in 1-4, got {frames.shape}")
+    if not 1 <= len(frames) <= MAX_APNG_FRAMES:
+        raise ValueError(f"an APNG holds 1 to {MAX_APNG_FRAMES:,} frames, got {len(frames):,}")
+    num, den = apng_delay(fps)
+    first = to_uint8(frames[0])  # the dtype is checked here, before any frame is compressed
+    _, h, w, _ = frames.shape
+    out, seq = [_header(first), _chunk(b"acTL", struct.pack(">II", len(frames), 0)), _text_chunks(text)], 0
+    for i, frame in enumerate(frames):  # fcTL and fdAT chunks share one sequence, from 0
+        # sequence, width, height, x and y offset, delay num/den, dispose_op 0 (none), blend_op 0 (source)
+        out.append(_chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq, w, h, 0, 0, num, den, 0, 0)))
+        data = _image_data(first if i == 0 else to_uint8(frame))
+        out.append(_chunk(b"IDAT", data) if i == 0 else _chunk(b"fdAT", struct.pack(">I", seq + 1) + data))
+        seq += 1 if i == 0 else 2
+    return b"".join(out) + _chunk(b"IEND", b"")
 
 
 def save_png(path, image, text: dict[str, str] | None = None, *, overwrite: bool = True) -> None:
@@ -105,8 +151,17 @@ def save_png(path, image, text: dict[str, str] | None = None, *, overwrite: bool
     ago, and nothing is replaced: the complete file is hard-linked to `path`, which fails if the
     name is taken (where the file system has no hard links, `path` is created exclusively and
     written in place). Two runs numbering files in one folder can claim names this way."""
-    path = Path(path)
-    data = encode_png(image, text)  # every ValueError happens here, before the disk is touched
+    _write_file(Path(path), encode_png(image, text), overwrite)  # every ValueError before the disk is touched
+
+
+def save_apng(path, frames, fps, text: dict[str, str] | None = None, *, overwrite: bool = False) -> None:
+    """Write `frames` as an animated PNG (see `encode_apng`) to `path`, as `save_png` writes a PNG
+    (atomically; overwrite=False, the default here: FileExistsError if `path` exists)."""
+    _write_file(Path(path), encode_apng(frames, fps, text), overwrite)
+
+
+def _write_file(path: Path, data: bytes, overwrite: bool) -> None:
+    """`data` to `path` atomically, as `save_png` describes."""
     parent = path.parent
     if not parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(parent)!r} does not exist")

@@ -537,3 +537,145 @@ def test_save_png_exclusive_without_hard_links(tmp_path, monkeypatch):
         save_png(p, np.zeros((3, 3, 3), np.uint8), overwrite=False)
     np.testing.assert_array_equal(pillow_pixels(p), np.full((3, 3, 3), 9))
     assert [x.name for x in tmp_path.iterdir()] == ["a.png"]
+
+
+# ----------------------------------------------------------------------------- animated PNG (APNG)
+
+from mini_tgate.core.bounds import MAX_APNG_FRAMES  # noqa: E402
+from mini_tgate.formats.png import apng_delay, encode_apng, save_apng  # noqa: E402
+
+
+def raw_chunks(data):
+    """[(type, data), ...] of a PNG file's bytes or path, every CRC checked."""
+    data, pos, out = data if isinstance(data, bytes) else Path(data).read_bytes(), 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        out.append((kind.decode(), body))
+        pos += 12 + length
+    return out
+
+
+def pillow_frames(path):
+    with Image.open(path) as im:
+        info = dict(n_frames=im.n_frames, is_animated=im.is_animated, loop=im.info.get("loop"), text=im.text)
+        frames, durations = [], []
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB")))
+            durations.append(im.info["duration"])
+    return np.stack(frames), durations, info
+
+
+@pytest.mark.parametrize("fps,ms", [(7, 1000 / 7), (25, 40.0)])
+def test_apng_read_by_pillow(tmp_path, fps, ms):
+    frames = RNG.integers(0, 256, (6, 9, 14, 3), dtype=np.uint8)
+    p = tmp_path / "v.png"
+    save_apng(p, frames, fps, TEXT)
+    got, durations, info = pillow_frames(p)
+    np.testing.assert_array_equal(got, frames)
+    assert durations == [pytest.approx(ms)] * 6
+    assert info == dict(n_frames=6, is_animated=True, loop=0, text=TEXT)
+    with Image.open(p) as im:  # frame 0, as a viewer without APNG support shows it, and the text in info
+        np.testing.assert_array_equal(np.asarray(im), frames[0])
+        assert {k: im.info[k] for k in TEXT} == TEXT
+    assert read_png_text(p) == TEXT
+    assert p.read_bytes() == encode_apng(frames, fps, TEXT)
+
+
+def test_apng_chunks_follow_the_spec(tmp_path):
+    frames = RNG.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    p = tmp_path / "v.png"
+    save_apng(p, frames, 7, {"k": "v"})
+    chunks = raw_chunks(p)
+    assert [k for k, _ in chunks] == ["IHDR", "acTL", "tEXt", "fcTL", "IDAT", "fcTL", "fdAT", "fcTL", "fdAT", "IEND"]
+    assert struct.unpack(">IIBBBBB", chunks[0][1]) == (5, 4, 8, 2, 0, 0, 0)
+    assert struct.unpack(">II", chunks[1][1]) == (3, 0)  # 3 frames, loop forever
+    fctl = [struct.unpack(">IIIIIHHBB", b) for k, b in chunks if k == "fcTL"]
+    assert fctl == [(seq, 5, 4, 0, 0, 1, 7, 0, 0) for seq in (0, 1, 3)]  # full frame, delay 1/7 s, dispose/blend 0
+    fdat = [b for k, b in chunks if k == "fdAT"]
+    assert [struct.unpack(">I", b[:4])[0] for b in fdat] == [2, 4]
+    for i, data in enumerate([chunks[4][1]] + [b[4:] for b in fdat]):  # each frame's zlib data is the PNG's IDAT
+        assert [data] == [b for k, b in raw_chunks(encode_png(frames[i])) if k == "IDAT"]
+
+
+def test_apng_one_frame_and_float_frames(tmp_path):
+    frames = RNG.random((1, 7, 8, 3), dtype=np.float32)
+    p = tmp_path / "v.png"
+    save_apng(p, frames, 25)
+    got, durations, info = pillow_frames(p)
+    assert info["n_frames"] == 1 and not info["is_animated"] and durations == [40.0]
+    np.testing.assert_array_equal(got[0], png.to_uint8(frames[0]))
+    assert [k for k, _ in raw_chunks(p)] == ["IHDR", "acTL", "fcTL", "IDAT", "IEND"]
+    np.testing.assert_array_equal(pillow_pixels(p), png.to_uint8(frames[0]))
+
+
+def test_apng_describe_and_bounded_reader(tmp_path):
+    p = tmp_path / "v.png"
+    save_apng(p, RNG.integers(0, 256, (4, 6, 10, 3), dtype=np.uint8), 7, format_parameters(PARAMS))
+    s = describe(p)
+    assert s.startswith(f"{p}: 10x6 (width x height), RGB, 8-bit,") and "  seed: 0" in s
+    assert json.loads(read_png_text(p)["mini_tgate"])["seed"] == 0
+
+
+def test_apng_overwrite(tmp_path):
+    p = tmp_path / "v.png"
+    a, b = np.zeros((2, 3, 3, 3), np.uint8), np.full((2, 3, 3, 3), 200, np.uint8)
+    save_apng(p, a, 7)
+    old = p.read_bytes()
+    with pytest.raises(FileExistsError, match=r"cannot write '.*v\.png': the file exists \(not overwritten\)"):
+        save_apng(p, b, 7)  # the default: never replace
+    assert p.read_bytes() == old and [x.name for x in tmp_path.iterdir()] == ["v.png"]
+    save_apng(p, b, 7, overwrite=True)
+    np.testing.assert_array_equal(pillow_frames(p)[0], b)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        save_apng(tmp_path / "missing" / "v.png", a, 7)
+
+
+@pytest.mark.parametrize("frames,match", [
+    (np.zeros((4, 4, 3), np.uint8), r"shape \(F, H, W, C\).*\(4, 4, 3\)"),
+    (np.zeros((2, 4, 4, 5), np.uint8), r"shape \(F, H, W, C\)"),
+    (np.zeros((2, 0, 4, 3), np.uint8), r"shape \(F, H, W, C\)"),
+    (np.zeros((1, 2, 3, 4, 3), np.uint8), r"shape \(F, H, W, C\)"),
+    (np.zeros((0, 4, 4, 3), np.uint8), "1 to 10,000 frames, got 0"),
+    (np.zeros((2, 4, 4, 3), np.int32), "dtype int32"),
+    (np.zeros((2, 4, 4, 3), bool), "dtype bool"),
+])
+def test_apng_bad_frames_write_nothing(tmp_path, frames, match):
+    with pytest.raises(ValueError, match=match):
+        save_apng(tmp_path / "v.png", frames, 7)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fps", [0, -7, float("nan"), float("inf"), True, "7", None, 1e6, 1e-6, 10**400])
+def test_apng_bad_fps(tmp_path, fps):
+    with pytest.raises(ValueError, match="fps must be a finite number from 1/65535 to 65535"):
+        save_apng(tmp_path / "v.png", np.zeros((2, 4, 4, 3), np.uint8), fps)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_apng_bad_text(tmp_path):
+    with pytest.raises(ValueError, match="keyword"):
+        save_apng(tmp_path / "v.png", np.zeros((2, 4, 4, 3), np.uint8), 7, {"": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fps,delay", [(7, (1, 7)), (25, (1, 25)), (29.97, (100, 2997)), (30000 / 1001, (1001, 30000)),
+                                       (np.float32(8), (1, 8)), (0.5, (2, 1)), (1 / 3, (3, 1)), (65535, (1, 65535)),
+                                       (1 / 65535, (65535, 1)), (123.456, (125, 15432))])
+def test_apng_delay(fps, delay):
+    assert apng_delay(fps) == delay
+    num, den = apng_delay(fps)
+    assert 1 <= num <= 65535 and 1 <= den <= 65535 and num / den == pytest.approx(1 / fps, rel=1e-6)
+
+
+def test_apng_frame_bound(tmp_path):
+    assert MAX_APNG_FRAMES == 10_000
+    with pytest.raises(ValueError, match="1 to 10,000 frames, got 10,001"):
+        encode_apng(np.zeros((MAX_APNG_FRAMES + 1, 1, 1, 3), np.uint8), 25)
+    p = tmp_path / "v.png"  # at the bound: written, and within the reader's chunk bound
+    save_apng(p, np.zeros((MAX_APNG_FRAMES, 1, 2, 3), np.uint8), 25, {"k": "v"})
+    assert read_png_text(p) == {"k": "v"} and describe(p).startswith(f"{p}: 2x1 (width x height), RGB")
+    with Image.open(p) as im:
+        assert im.n_frames == MAX_APNG_FRAMES
