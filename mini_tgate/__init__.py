@@ -1,10 +1,12 @@
-"""mini_tgate: minimal text-to-image diffusion inference (SD, SDXL, LCM, PixArt) with TGATE temporal attention gating.
+"""mini_tgate: minimal diffusion inference (text to image: SD, SDXL, LCM, PixArt; image to video: SVD) with TGATE
+temporal attention gating.
 
 The package by role (dependencies point inward: cli -> loading, macs -> families -> formats -> core):
   core/              the method and the shared models: TGate and plan(), Attention, UNet, VAE, CLIP,
                      schedulers, weights, bounds, the one pipeline and its denoising loop
   stable_diffusion/  SD 1.x/2.x, LCM and SDXL pipelines
   pixart/            PixArt-Alpha/-Sigma: T5, the transformer, the pipelines
+  svd/               Stable Video Diffusion: the spatio-temporal UNet, temporal VAE, CLIP vision, the pipeline
   formats/           hub hashes, single files, LoRA, PNG parameters, saving
   loading.py         load_pipeline: picks a family's pipeline for a checkpoint
   macs.py            count_macs
@@ -32,4 +34,8 @@ from .pixart.t5 import T5EncoderModel
 from .pixart.tokenizer import T5Tokenizer
 from .pixart.transformer import PixArtTransformer2DModel
 from .stable_diffusion.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+from .svd.clip_vision import CLIPVisionModelWithProjection
+from .svd.pipeline import StableVideoDiffusionPipeline
+from .svd.unet import UNetSpatioTemporalConditionModel
+from .svd.vae import AutoencoderKLTemporalDecoder
 from .version import __version__

@@ -18,16 +18,17 @@ from .core.weights import CheckpointError, read_json, resolve
 from .formats.single_file import is_single_file, pipeline_name
 from .pixart.pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
 from .stable_diffusion.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
+from .svd.pipeline import StableVideoDiffusionPipeline
 
 # model_index.json's `_class_name` -> the class that loads it
 PIPELINES = {name: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtAlphaPipeline,
-                                   PixArtSigmaPipeline) for name in cls.model_index_names}
+                                   PixArtSigmaPipeline, StableVideoDiffusionPipeline) for name in cls.model_index_names}
 
 
 def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
                   local_files_only: bool = False, cache_dir=None, revision: str | None = None,
                   torch_dtype: torch.dtype | None = None, prediction_type: str | None = None) -> DiffusionPipeline:
-    """A text-to-image pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
+    """The pipeline for a diffusers checkpoint (folder or hub repo id, at `revision`
     on the hub), chosen by its model_index.json. dtype (diffusers' name, torch_dtype, is an alias)
     defaults to float32. The VAE stays in float32 when dtype is float16 and its config says
     force_upcast (the SDXL VAE overflows in float16). A `.safetensors` file in the original LDM

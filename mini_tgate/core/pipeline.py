@@ -1,18 +1,20 @@
-"""Text-to-image pipelines for SD 1.x/2.x (and LCM), SDXL and PixArt-Alpha/-Sigma, with TGATE.
+"""Text-to-image pipelines for SD 1.x/2.x (and LCM), SDXL and PixArt-Alpha/-Sigma, and image-to-video
+for Stable Video Diffusion, with TGATE.
 
 Reimplements diffusers' `StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
-`PixArtAlphaPipeline` and `PixArtSigmaPipeline` (and the `tgate` package's gated versions of
-them) for text-to-image. One call and one denoising loop (`DiffusionPipeline`) serve all four;
-the subclasses differ only in the denoiser (UNet or transformer) and how a prompt becomes its
-conditioning (`encode_prompt`):
+`PixArtAlphaPipeline`, `PixArtSigmaPipeline` and `StableVideoDiffusionPipeline` (and the `tgate`
+package's gated versions of them). One call and one denoising loop (`DiffusionPipeline`) serve
+all five; the subclasses differ only in the denoiser (UNet or transformer) and how a prompt (SVD:
+an image, svd/pipeline.py) becomes its conditioning (`encode_prompt`):
 
     prompt ─ tokenizer(s) ─ text encoder(s) ─> conditioning ─┐
     noise (B, 4, H/8, W/8) ─> [ denoiser + guidance ─ scheduler step ] x steps ─> VAE decode ─> images
 
 Classifier-free guidance (CFG) runs the denoiser on the doubled batch [unconditional, conditional]
 and mixes: eps = eps_u + g * (eps_c - eps_u). With a `TGate`, tgate.plan() decides per step what
-the attention layers do and whether the batch is doubled; after the gate step the unconditional
-branch runs alone and its prediction is used as it is (the reference's choice).
+the attention layers do and whether the batch is doubled; after the gate step one branch runs
+alone and its prediction is used as it is: the unconditional one for text to image, the
+conditional one for SVD (`gated_branch`: each the reference's choice).
 
 Read top to bottom: the pipeline and its call, then each step of the call (the initial latents,
 the denoising loop, the decode). The arguments are checked in inputs.py; moving the models, the
@@ -22,7 +24,6 @@ call lock and compiling are runtime.py's.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from .inputs import CALLBACK_TENSOR_INPUTS, Call, check_call
-from .runtime import RuntimeMixin, on_device, progress_bar
+from .runtime import RuntimeMixin, on_device, progress_bar, timed
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .tgate import DeepCache, TGate, plan
 from .vae import AutoencoderKL
@@ -43,19 +44,26 @@ class PipelineOutput:
     steps: list[dict] = field(default_factory=list)  # the plan it ran: per step, what attention did
     timings: dict = field(default_factory=dict)      # seconds per phase
 
+    @property
+    def frames(self):
+        """SVD's name for the output (diffusers' `.frames`): (N, F, H, W, 3) videos for "np"."""
+        return self.images
+
 
 class DiffusionPipeline(RuntimeMixin):
     """What every pipeline here shares: its parts, and the one call: check the inputs, encode the
     prompts, draw the noise, run the denoising loop under the TGATE plan, decode. Subclasses say
     which model denoises (`denoiser`) and how prompts become its conditioning (`encode_prompt`):
-    StableDiffusionPipeline (UNet, CLIP text), its SDXL subclass (two text encoders, size
-    conditioning) and the PixArt pipelines (transformer, T5 text). Moving the models, the call
-    lock and compiling come from RuntimeMixin (runtime.py)."""
+    StableDiffusionPipeline (UNet, CLIP text), its SDXL subclass (two text encoders, size ids), the
+    PixArt pipelines (transformer, T5 text), StableVideoDiffusionPipeline (its own check, encode and
+    decode: image to video). Moving the models, the call lock and compiling come from RuntimeMixin."""
 
     model_index_names: tuple[str, ...] = ()  # the model_index.json class names this class loads
     default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL, 4.5 for PixArt
     default_strength = None  # img2img's (diffusers': 0.8 for SD, 0.3 for SDXL); None: no img2img (PixArt)
     extra_call_args = ()  # keyword arguments of __call__ that only the subclass reads (SDXL's, PixArt's)
+    vae_class = AutoencoderKL  # SVD's: AutoencoderKLTemporalDecoder
+    gated_branch = "uncond"  # the CFG branch that runs alone after the TGATE gate (tgate's SVD loader: "cond")
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, scheduler: Scheduler):
         super().__init__()  # RuntimeMixin's state: progress bar options, offload device, call lock
@@ -76,9 +84,8 @@ class DiffusionPipeline(RuntimeMixin):
         if name not in cls.model_index_names:
             raise CheckpointError(f"{source}: a {name} checkpoint, not a {cls.__name__} one; use load_pipeline")
         kw = dict(dtype=dtype, device=device, variant=variant)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        if vae.needs_upcast:
-            vae.float()
+        vae = cls.vae_class.from_pretrained(folder, subfolder="vae", **kw)
+        vae = vae.float() if vae.needs_upcast else vae
         scheduler = scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json"))
         pipe = cls(vae=vae, scheduler=scheduler, **cls.components(folder, index, kw))
         # where the weights came from (the CLI writes it into PNGs): never an absolute local path
@@ -105,7 +112,6 @@ class DiffusionPipeline(RuntimeMixin):
         the same). SD and SDXL work at the size asked for; PixArt may bin it."""
         return height, width, None
 
-    @torch.inference_mode()
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None,
@@ -125,30 +131,33 @@ class DiffusionPipeline(RuntimeMixin):
         current latents; the flag is reset when the next call starts."""
         # 1. Check the arguments (all of them, by name) before anything is encoded or allocated: inputs.py.
         c = check_call(self, **{name: value for name, value in locals().items() if name != "self"})
+        return self.generate(c)
+
+    @torch.inference_mode()
+    def generate(self, c: Call) -> PipelineOutput:
+        """Steps 2 to 6 of a call whose arguments are checked (SVD's __call__ checks its own)."""
+        timings = {}  # seconds per phase
         with self.exclusive_call():
-            # 2. Encode the prompts: the denoiser's conditioning, one row per image.
-            timings, start = {}, time.perf_counter()
-            cond, uncond = self.encode(c)
-            timings["text"] = time.perf_counter() - start
+            # 2. Encode the prompts (SVD: the image): the denoiser's conditioning, one row per image.
+            with timed(timings, "text"):
+                cond, uncond = self.encode(c)
             # 3. Initial latents (B, C, H/f, W/f): noise, or (img2img) the image's latents noised.
             latents = initial_latents(c)
             # 4. Plan: each step's attention behaviour, batch and (DeepCache) UNet part.
             cfg = uncond is not None  # encode decides: with CFG, it conditions on the negative prompts too
             steps = plan(c.tgate, len(c.scheduler.timesteps) - c.scheduler.begin_index, cfg, c.deepcache)
             # 5. Denoise.
-            start = time.perf_counter()
             state = LoopState(latents, cond, uncond)
-            with on_device([c.denoiser], c.offload):
+            with timed(timings, "denoise"), on_device([c.denoiser], c.offload):
                 report = self.denoise(c, state, steps)
-            timings["denoise"] = time.perf_counter() - start
-            # 6. Decode.
-            start = time.perf_counter()
-            images = state.latents
-            if c.output_type != "latent":
-                with on_device([c.vae], c.offload):
-                    images = decode(state.latents, c.output_type, c.vae, c.output_size)
-            timings["decode"] = time.perf_counter() - start
+            # 6. Decode (no VAE for "latent").
+            with timed(timings, "decode"), on_device([c.vae] if c.output_type != "latent" else [], c.offload):
+                images = state.latents if c.output_type == "latent" else self.decode_latents(c, state.latents)
             return PipelineOutput(images, report, timings)
+
+    def decode_latents(self, c: Call, latents: torch.Tensor):
+        """The latents as images of c.output_type (SVD decodes videos)."""
+        return decode(latents, c.output_type, c.vae, c.output_size)
 
     def encode(self, c: Call) -> tuple[dict, dict | None]:
         """The denoiser's conditioning of the prompts and, with CFG, of the negative prompts (else
@@ -178,13 +187,12 @@ class DiffusionPipeline(RuntimeMixin):
         report, bar = [], progress_bar(len(steps), c.bar_config)
         try:
             for i, t, entry in denoising_loop(c.denoiser, c.scheduler, state, steps, c.guidance_scale,
-                                              c.guidance_rescale, c.eta, c.generator):
+                                              c.guidance_rescale, c.eta, c.generator, self.gated_branch):
                 report.append(entry)
                 if bar is not None:
                     bar.update()
                 if c.callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
-                    tensors = state.tensors()
-                    state.replace(c.callback(self, i, t, {k: tensors[k] for k in c.callback_inputs}) or {})
+                    state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs)) or {})
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
                     break
         finally:
@@ -226,14 +234,16 @@ def image_latents(pixels, vae, scheduler, batch, generator, device, dtype):
 @dataclass
 class LoopState:
     """What the denoising loop carries from step to step; a step callback may replace any of it."""
-    latents: torch.Tensor  # (B, C, H/f, W/f)
-    cond: dict             # the denoiser's conditioning of the prompts: encoder_hidden_states (B, tokens, D), ...
+    latents: torch.Tensor  # (B, C, H/f, W/f); SVD's videos (B, F, C, H/f, W/f)
+    cond: dict             # the denoiser's conditioning of the prompts: encoder_hidden_states (B, tokens, D), ...;
+    #                        "concat": latents the loop stacks onto the denoiser's input channels (SVD's image's)
     uncond: dict | None    # of the negative prompts, with CFG
 
-    def tensors(self) -> dict:
-        """What a step callback may see, by the names of CALLBACK_TENSOR_INPUTS."""
+    def tensors(self, names: list[str]) -> dict:
+        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS it names."""
         negative = None if self.uncond is None else self.uncond["encoder_hidden_states"]
-        return dict(zip(CALLBACK_TENSOR_INPUTS, (self.latents, self.cond["encoder_hidden_states"], negative)))
+        tensors = dict(zip(CALLBACK_TENSOR_INPUTS, (self.latents, self.cond["encoder_hidden_states"], negative)))
+        return {k: tensors[k] for k in names}
 
     def replace(self, out: dict) -> None:
         """What a step callback returned replaces what the loop carries."""
@@ -244,12 +254,14 @@ class LoopState:
             self.uncond = {**self.uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
 
 
-def denoising_loop(denoiser, scheduler: Scheduler, state: LoopState, steps: list, guidance_scale: float,
-                   guidance_rescale: float, eta: float, generator):
+def denoising_loop(denoiser, scheduler: Scheduler, state: LoopState, steps: list, guidance_scale,
+                   guidance_rescale: float, eta: float, generator, gated_branch: str = "uncond"):
     """The denoising loop, over the scheduler's timesteps from its begin_index: each step's
     attention behaviour, batch and (DeepCache) UNet part come from its plan; with CFG (state.uncond
-    given) steps whose plan says so run the doubled batch. Yields after each step (i, t, what
-    attention did); between steps the caller may replace what `state` holds."""
+    given) steps whose plan says so run the doubled batch, the others `gated_branch` alone.
+    guidance_scale: a number, or a tensor that broadcasts over the latents (SVD's per frame).
+    Yields after each step (i, t, what attention did); between steps the caller may replace what
+    `state` holds."""
     extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
     dtype = state.latents.dtype
     for i, (t, step) in enumerate(zip(scheduler.timesteps[scheduler.begin_index:], steps)):
@@ -257,9 +269,12 @@ def denoising_loop(denoiser, scheduler: Scheduler, state: LoopState, steps: list
         denoiser.set_gate(step)
         if step.cfg:  # (2B, C, h, w): [unconditional, conditional]
             x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
-        else:  # after the gate, CFG is dropped: the unconditional branch alone
-            x, kw = latents, uncond if uncond is not None else cond
-        noise = denoiser(scheduler.scale_model_input(x, t), timestep=t, **kw)
+        else:  # after the gate, CFG is dropped: one branch alone (the family's gated_branch)
+            x, kw = latents, uncond if uncond is not None and gated_branch == "uncond" else cond
+        x = scheduler.scale_model_input(x, t)
+        if "concat" in kw:  # on the channel axis: (B, C, h, w) or videos (B, F, C, h, w)
+            x, kw = torch.cat([x, kw["concat"]], dim=-3), {k: v for k, v in kw.items() if k != "concat"}
+        noise = denoiser(x, timestep=t, **kw)
         # PixArt predicts the variance too (learned sigma): the noise is the first half
         noise = noise[:, :latents.shape[1]]
         if not torch.isfinite(noise).all():

@@ -5,6 +5,7 @@ lock, the early stop, the progress bar and torch.compile. None of it is the meth
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Self
 
@@ -25,6 +26,14 @@ def on_device(models: list, device):
     finally:
         for m in models:
             m.to("cpu")
+
+
+@contextmanager
+def timed(timings: dict, phase: str):
+    """The seconds the block takes, as timings[phase]."""
+    start = time.perf_counter()
+    yield
+    timings[phase] = time.perf_counter() - start
 
 
 def progress_bar(total: int, config: dict):

@@ -9,8 +9,9 @@ matters little early and a lot later. So denoising is split at the gate step m:
 - at i == m-1 both are computed and cached; with classifier-free guidance (CFG) the cache is
   the mean of the unconditional and conditional halves of the doubled batch;
 - fidelity-improving phase (i >= m): CA is never computed again, its cache is reused; SA is
-  cached every `fi_interval` steps and reused in between; CFG is dropped: the batch is the
-  unconditional branch alone and its noise prediction is used as it is.
+  cached every `fi_interval` steps and reused in between; CFG is dropped: the batch is one
+  branch alone and its noise prediction is used as it is (the unconditional one for text to
+  image, the conditional one for SVD: each pipeline's `gated_branch`, as the reference does).
 
 `plan()` below is a pure function from the parameters to what every attention layer does at
 each step; it reproduces `tgate_scheduler` of the authors' `tgate` 1.0.0 package step for step.
