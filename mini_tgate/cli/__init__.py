@@ -2,6 +2,7 @@
 
     python -m mini_tgate generate "a photo of a cat" --model stable-diffusion-v1-5/stable-diffusion-v1-5
     python -m mini_tgate generate "a red circle on a blue background" --compare   # without and with TGATE
+    python -m mini_tgate generate --model SVD_FOLDER --image in.png --out clip.png   # image to video (APNG)
     python -m mini_tgate info out/00000.png                      # how an image was made
     python -m mini_tgate macs --arch sdxl --gate-step 10         # the MACs the gate saves, no weights
 
@@ -10,7 +11,7 @@
 with a default prompt. Bad input ends with one line `error: ...` on stderr and a non-zero exit
 code, never a traceback.
 """
-# One module a command: generate.py, batch.py (its job logic: jobs.py), info.py (info and macs);
+# One module a command: generate.py (its image-to-video runs: video.py), batch.py (its job logic: jobs.py), info.py (info and macs);
 # what generate and batch share: options.py and loras.py; how every command fails: errors.py.
 
 from __future__ import annotations

@@ -21,16 +21,20 @@ from ..core.tgate import TGate
 from ..formats.hub import model_hash
 from ..formats.png import format_parameters, image_grid, save_png, side_by_side, to_uint8
 from ..macs import count_macs
+from ..svd.pipeline import StableVideoDiffusionPipeline
 from .loras import loras_from, tag_loras, untagged
 from .options import (call_options, check_options, check_text, check_writable, deepcache_from, gate_from,
                       image_option, load_from_options, pick_device, pick_dtype, random_seed, with_image)
+from .video import video_command, video_run
 
 
 # ----------------------------------------------------------------------------- the command
 
 def generate_command(args) -> None:
-    """`generate`, in five steps."""
+    """`generate`, in five steps; with an image-to-video model (SVD), video.py's run."""
     start = time.perf_counter()
+    if video_run(args):
+        return video_command(args, start)
     # 1. Check every option, before the model loads
     inputs = check_generate(args)
     # 2. The seed
@@ -40,6 +44,8 @@ def generate_command(args) -> None:
           + (": random; rerun with --seed to get the same" if args.seed == -1 else ""))
     # 3. Load
     pipe = load_from_options(args, inputs.device, inputs.dtype, inputs.tagged)
+    if isinstance(pipe, StableVideoDiffusionPipeline):  # a hub repo that was not in the cache
+        raise ValueError(f"{args.model} is an image-to-video model: it takes no prompt; give --image PATH alone")
     load_time = time.perf_counter() - start
     print(f"loaded {args.model} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) on {inputs.device} "
           f"in {str(inputs.dtype).removeprefix('torch.')}: {load_time:.1f} s")

@@ -70,7 +70,9 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     An option added here works in `batch` too when its effect is in check_options,
     load_from_options or call_options."""
     if prompt_argument and prompt is None:
-        p.add_argument("prompt", nargs="+", help="one or more prompts (quote each one)")
+        # nargs "*": an image-to-video model (SVD) takes no prompt; check_generate asks for one otherwise
+        p.add_argument("prompt", nargs="*", help="one or more prompts (quote each one); none for an "
+                       "image-to-video model (Stable Video Diffusion: --image)")
     elif prompt_argument:
         p.add_argument("prompt", nargs="*", default=[prompt], help=f"one or more prompts (default: {prompt!r})")
     p.add_argument("--negative", action="append", help="negative prompt; repeat it to give one per prompt")
@@ -115,6 +117,25 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--out", default="out/",
                    help="a .png file, or a folder (created; numbered files). Default: out/")
     p.add_argument("--overwrite", action="store_true", help="replace existing files named by --out")
+    if prompt_argument:  # generate's (and examples/sample.py's), not batch's
+        add_video_options(p)
+
+
+def add_video_options(p: argparse.ArgumentParser) -> None:
+    """Stable Video Diffusion's options (cli/video.py): --image is the input, --out an animated PNG.
+    All default to None: given to a text-to-image model, each is refused."""
+    g = p.add_argument_group("image to video (Stable Video Diffusion; --image is the input, no prompt)")
+    g.add_argument("--frames", type=int, help="frames of the video (default: the UNet's, 14 SVD, 25 SVD-XT)")
+    g.add_argument("--fps", type=int, help="frames per second: conditions the model and times the APNG (default 7)")
+    g.add_argument("--motion-bucket-id", type=int, help="how much motion, 0 to 1023 (default 127)")
+    g.add_argument("--noise-aug-strength", type=float,
+                   help="noise added to the image before encoding it, >= 0 (default 0.02)")
+    g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once (default: all of them)")
+    g.add_argument("--min-guidance-scale", type=float, help="CFG scale of the first frame (default 1.0)")
+    g.add_argument("--max-guidance-scale", type=float,
+                   help="CFG scale of the last frame (default 3.0; --guidance-scale is the same option)")
+    g.add_argument("--frames-dir", metavar="DIR",
+                   help="write one PNG per frame into DIR (00000.png, ...) instead of the animated PNG --out")
 
 
 # ----------------------------------------------------------------------------- their checks

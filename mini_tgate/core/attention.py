@@ -49,12 +49,17 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`: None, or an additive bias on the scores that broadcasts to (B, heads, T, S)."""
         if self.gate == REUSE:
-            return self.cache
+            cache = self.cache
+            return cache.expand(-1, x.shape[1], -1) if cache.shape[1] == 1 else cache
         out = self.attend(x, x if context is None else context, mask)
+        # One key (SVD's image token): its softmax weight is exactly 1, so every query's row is the
+        # same to_out(v), bit for bit. The cache keeps that one row, (B, 1, C) instead of (B, N, C),
+        # and REUSE hands back a view of it expanded to N rows: no copy, the same bits in the sum.
+        kept = out[:, :1] if context is not None and context.shape[1] == 1 and mask is None else out
         if self.gate == CACHE:
-            self.cache = out
+            self.cache = out if kept is out else kept.clone()  # a slice would keep all of `out` alive
         elif self.gate == CACHE_MEAN:
-            uncond, cond = out.chunk(2)  # the batch is [unconditional, conditional]
+            uncond, cond = kept.chunk(2)  # the batch is [unconditional, conditional]
             self.cache = (uncond + cond) / 2
         return out
 

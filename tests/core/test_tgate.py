@@ -103,3 +103,76 @@ def test_gate_touches_only_attention_modules():
     assert all(before[k].keys() == after[k].keys() for k in before)
     gates = {(m.is_cross, m.gate) for m in unet.attention_modules()}
     assert gates == {(True, REUSE), (False, CACHE)}
+
+
+def test_one_token_cross_attention_caches_one_row():
+    """A one-token context (SVD's image token): softmax over one key is 1, every query's row is the
+    same, so the cache keeps one row (not holding the full output alive) and REUSE expands it:
+    the same bits as the computed output, alone and in a residual add."""
+    torch.manual_seed(0)
+    attn = Attention(8, heads=2, dim_head=4, context_dim=6)
+    x, y, context = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 6)
+    attn.gate = CACHE
+    out = attn(x, context)
+    assert torch.equal(out, attn.attend(x, context))  # the step that caches returns the full output
+    assert attn.cache.shape == (2, 1, 8) and attn.cache.untyped_storage().nbytes() == 2 * 8 * 4
+    assert torch.equal(attn.cache.expand_as(out), out)
+    attn.gate = REUSE
+    reused = attn(y, context)
+    assert reused.shape == out.shape and reused.stride(1) == 0  # a view, no copy
+    assert torch.equal(reused, out) and torch.equal(y + reused, y + out)
+    attn.gate = CACHE_MEAN
+    out = attn(x, context)
+    mean = (out[:1] + out[1:]) / 2
+    assert attn.cache.shape == (1, 1, 8)
+    attn.gate = REUSE
+    assert torch.equal(attn(y[:1], context[:1]), mean)
+
+
+@pytest.mark.parametrize("case", ["tokens", "mask", "self"])
+def test_other_attention_caches_every_row(case):
+    """Several context tokens, a mask, or self-attention: the cache is the whole output, as before."""
+    torch.manual_seed(0)
+    attn = Attention(8, heads=2, dim_head=4, context_dim=None if case == "self" else 6)
+    x = torch.randn(2, 5, 8)
+    context = {"tokens": torch.randn(2, 3, 6), "mask": torch.randn(2, 1, 6), "self": None}[case]
+    mask = torch.zeros(2, 1, 5, 1) if case == "mask" else None
+    attn.gate = CACHE
+    out = attn(x, context, mask)
+    assert attn.cache is out and out.shape == (2, 5, 8)
+    attn.gate = REUSE
+    assert attn(torch.randn(2, 5, 8), context, mask) is out
+    attn.gate = CACHE_MEAN
+    out = attn(x, context, mask)
+    assert attn.cache.shape == (1, 5, 8) and torch.equal(attn.cache, (out[:1] + out[1:]) / 2)
+
+
+def test_svd_unet_one_row_cross_caches_reuse_bitwise():
+    """A tiny SVD UNet: every cross-attention (spatial and temporal, one image token) caches one row;
+    a step reusing them equals, bit for bit, the step that computed them and a plain step."""
+    from mini_tgate.svd.config import UNetSpatioTemporalConfig
+    from mini_tgate.svd.unet import UNetSpatioTemporalConditionModel
+    tiny = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=(1, 2),
+                transformer_layers_per_block=(1, 2), cross_attention_dim=32, num_attention_heads=(2, 4),
+                num_frames=3, addition_time_embed_dim=8, projection_class_embeddings_input_dim=3 * 8,
+                down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(UNetSpatioTemporalConfig.from_dict(tiny))
+    g = torch.Generator().manual_seed(0)
+    frames, h, w = 3, 8, 10
+    sample, embeds = torch.randn(1, frames, 8, h, w, generator=g), torch.randn(1, 1, 32, generator=g)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]])
+    with torch.no_grad():
+        plain = unet(sample, 0.5, embeds, time_ids)
+        unet.set_gate(StepPlan(CACHE, COMPUTE, False))
+        cached = unet(sample, 0.5, embeds, time_ids)
+        cross = [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross]
+        assert cross and all(m.cache.shape[1] == 1 for _, m in cross)
+        # spatial: one row per frame; temporal: one per pixel (of the level's h*w)
+        assert {m.cache.shape[0] for name, m in cross if "temporal" not in name} == {frames}
+        assert {m.cache.shape[0] for name, m in cross if "temporal" in name} == {h * w, h * w // 4}
+        unet.set_gate(StepPlan(REUSE, COMPUTE, False))
+        reused = unet(sample, 0.5, embeds, time_ids)
+    unet.clear_gate()
+    assert torch.equal(cached, plain) and torch.equal(reused, plain)

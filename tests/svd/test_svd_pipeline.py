@@ -215,3 +215,25 @@ def test_refusals(ours):
                        (dict(latents=torch.zeros(1, 3, 4, 4, 4)), "latents must have shape")):
         with pytest.raises(ValueError, match=match):
             ours(image, **{**RUN, **bad})
+
+
+def test_bfloat16_matches_diffusers(folder):
+    """Both loaded in bfloat16 from the same folder: the same operations in the same order, bit for
+    bit, latents and frames. (float16 is not compared yet: there the VAE stays float32 here, as in
+    every family of this project, while diffusers' SVD pipeline upcasts it to encode and casts it
+    back to decode, and its denoised latents differ by 2e-2 at a scale of 2: not yet traced.)"""
+    dtype = torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = diffusers.StableVideoDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    ref.set_progress_bar_config(disable=True)
+    realign(ref.unet, ref.vae, ref.image_encoder)
+    ours = load_pipeline(folder, dtype=dtype)
+    image = Image.fromarray(picture(seed=8))
+    for output_type in ("latent", "np"):
+        got, expected = both(ours, ref, image, output_type=output_type)
+        if output_type == "latent":  # (B, F, 4, h, w) in bfloat16: numpy has none
+            got, expected = got.frames.float(), expected.float()
+        else:
+            got = got.frames
+        assert error(got, expected) == 0.0, error(got, expected)
