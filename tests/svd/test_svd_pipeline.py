@@ -217,23 +217,34 @@ def test_refusals(ours):
             ours(image, **{**RUN, **bad})
 
 
-def test_bfloat16_matches_diffusers(folder):
-    """Both loaded in bfloat16 from the same folder: the same operations in the same order, bit for
-    bit, latents and frames. (float16 is not compared yet: there the VAE stays float32 here, as in
-    every family of this project, while diffusers' SVD pipeline upcasts it to encode and casts it
-    back to decode, and its denoised latents differ by 2e-2 at a scale of 2: not yet traced.)"""
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bfloat16_matches_diffusers(folder, dtype):
+    """Both loaded in bfloat16 or float16 from the same folder: the same operations in the same
+    order, bit for bit, latents (and, in bfloat16, frames).
+
+    float16: the reference's parameters are made not to require grad, as ours do not. On the CPU,
+    torch's float16 Linear (on some shapes) takes another kernel path when its weight requires grad
+    (even under no_grad: measured, the first transformer's proj_in moves by 4.9e-4 with equal
+    input and weights, and the denoised latents by 2e-2 at a scale of 2); bfloat16 is unaffected.
+    The frames then differ by decoding alone: diffusers casts its force_upcast VAE back to float16
+    to decode, ours stays float32 (measured 9.4e-4 of frames in [0, 1]). The bound, 4e-3 = 8 float16
+    ulps at 1.0 (2^-11 each), covers the rounding of a float16 decoder over its ~20 layers; the
+    latents, compared exactly, already catch any difference of draw, guidance or time ids."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = diffusers.StableVideoDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     ref.set_progress_bar_config(disable=True)
     realign(ref.unet, ref.vae, ref.image_encoder)
+    for model in (ref.unet, ref.vae, ref.image_encoder):
+        model.requires_grad_(False)  # as ours: float16 Linear kernels on the CPU depend on it
     ours = load_pipeline(folder, dtype=dtype)
     image = Image.fromarray(picture(seed=8))
     for output_type in ("latent", "np"):
         got, expected = both(ours, ref, image, output_type=output_type)
-        if output_type == "latent":  # (B, F, 4, h, w) in bfloat16: numpy has none
+        if output_type == "latent":  # (B, F, 4, h, w) in bfloat16 or float16: compared as float32
+            assert got.frames.dtype == expected.dtype == dtype
             got, expected = got.frames.float(), expected.float()
         else:
             got = got.frames
-        assert error(got, expected) == 0.0, error(got, expected)
+        bound = 4e-3 if dtype == torch.float16 and output_type == "np" else 0.0
+        assert error(got, expected) <= bound, error(got, expected)
