@@ -6,17 +6,13 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
-import diffusers
 import numpy as np
 import pytest
 import torch
-import transformers
 from conftest import ROOT
 from PIL import Image
-from test_schedulers import SVD
-from tiny_models import perturb
+from test_svd_pipeline import folder  # noqa: F401 (the tiny SVD checkpoint diffusers saves, one per module)
 
 import mini_tgate.cli.options
 from mini_tgate import TGate, load_pipeline
@@ -25,32 +21,7 @@ from mini_tgate.formats.png import read_png_text, to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-UNET = dict(sample_size=8, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            transformer_layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4), num_frames=3,
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=3 * 8,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"))
-VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=1,
-           latent_channels=4)
-CLIP = dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=32, hidden_act="gelu")
 H, W = 16, 24
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("svd")
-    torch.manual_seed(0)
-    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        extractor = transformers.CLIPImageProcessor(image_mean=[0.5, 0.45, 0.4], image_std=[0.25, 0.3, 0.27])
-    pipe = diffusers.StableVideoDiffusionPipeline(
-        vae=perturb(diffusers.AutoencoderKLTemporalDecoder(**VAE), 1), image_encoder=perturb(encoder, 2),
-        unet=perturb(diffusers.UNetSpatioTemporalConditionModel(**UNET), 3),
-        scheduler=diffusers.EulerDiscreteScheduler.from_config(SVD), feature_extractor=extractor)
-    pipe.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
