@@ -28,7 +28,7 @@ from torch import nn
 from .core.attention import Attention
 from .core.bounds import (MACS_MAX_BATCH, MACS_MAX_FRAMES, MACS_MAX_SIDE, MACS_MAX_STEPS, MACS_MAX_TEXT_LEN, int_in,
                           is_number)
-from .core.config import UNetConfig
+from .core.config import PRESETS, UNetConfig
 from .core.tgate import REUSE, DeepCache, TGate, check_gate_types, plan
 from .core.unet import UNet2DConditionModel
 from .core.weights import read_json
@@ -37,7 +37,6 @@ from .pixart.transformer import PixArtTransformer2DModel
 from .svd.config import UNetSpatioTemporalConfig
 from .svd.unet import UNetSpatioTemporalConditionModel
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 
 
 PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # Alpha's config names the latter

@@ -8,7 +8,6 @@ comes out the same when made alone with `--seed <its seed> --num-images 1` (exac
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from ..macs import count_macs
 from ..svd.pipeline import StableVideoDiffusionPipeline
 from .loras import loras_from, tag_loras, untagged
 from .options import (call_options, check_options, check_text, check_writable, deepcache_from, gate_from,
-                      image_option, load_from_options, pick_device, pick_dtype, random_seed, with_image)
+                      image_option, load_from_options, next_number, pick_device, pick_dtype, random_seed, si,
+                      with_image)
 from .video import video_command, video_run
 
 
@@ -205,13 +205,6 @@ def print_macs(pipe, call: dict, gate: TGate | None, deepcache, steps: int) -> N
     print(f"{' + '.join(what)}: {name} {si(gated)} MACs per image instead of {si(base)}, {1 - gated / base:.1%} fewer")
 
 
-def si(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 # ----------------------------------------------------------------------------- output files
 
 class Output:
@@ -268,13 +261,6 @@ def output_files(out: str, n: int, overwrite: bool = False) -> tuple[Path, list[
         if f.exists() and not overwrite:
             raise FileExistsError(f"--out {out}: {str(f)!r} exists; pass --overwrite to replace it, or name another file")
     return path.parent, files, grid
-
-
-def next_number(folder: Path) -> int:
-    """One past the highest number a PNG's name starts with in `folder` (all its leading digits:
-    "123456.png" -> 123457, "00007-cat.png" -> 8), 0 in an empty folder."""
-    numbers = [int(m[0]) for f in folder.glob("[0-9]*.png") if (m := re.match(r"\d+", f.name))]
-    return max(numbers, default=-1) + 1
 
 
 def save_numbered(folder: Path, image, text: dict, first: int) -> tuple[Path, int]:

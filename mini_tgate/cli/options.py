@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import warnings
 from pathlib import Path
@@ -268,3 +269,17 @@ def call_options(args, pipe) -> dict:
 def with_image(call: dict, image: torch.Tensor | None) -> dict:
     """The call's options, for img2img from `image` (None: text to image): the images have its size."""
     return call if image is None else {**call, "image": image, "height": image.shape[2], "width": image.shape[3]}
+
+
+def si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def next_number(folder: Path) -> int:
+    """One past the highest number a PNG's name starts with in `folder` (all its leading digits:
+    "123456.png" -> 123457, "00007-cat.png" -> 8), 0 in an empty folder."""
+    numbers = [int(m[0]) for f in folder.glob("[0-9]*.png") if (m := re.match(r"\d+", f.name))]
+    return max(numbers, default=-1) + 1

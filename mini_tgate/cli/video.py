@@ -26,7 +26,8 @@ from ..formats.png import format_parameters, save_apng, save_png
 from ..formats.single_file import is_single_file
 from ..macs import count_macs
 from ..svd.pipeline import StableVideoDiffusionPipeline
-from .options import check_size, check_writable, gate_from, load_from_options, pick_device, pick_dtype, random_seed
+from .options import (check_size, check_writable, gate_from, load_from_options, next_number, pick_device, pick_dtype,
+                      random_seed, si)
 
 VIDEO_OPTIONS = ("frames", "fps", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size",
                  "min_guidance_scale", "max_guidance_scale", "frames_dir")
@@ -238,7 +239,6 @@ def save_video(out: Path, frames, params: dict, overwrite: bool) -> Path:
     if out.suffix.lower() == ".png" and not out.is_dir():
         save_apng(out, frames, params["fps"], text, overwrite=overwrite)
         return out
-    from .generate import next_number  # generate imports this module
 
     out.mkdir(parents=True, exist_ok=True)
     n = next_number(out)
@@ -260,7 +260,6 @@ def print_video_macs(pipe, inputs: VideoInputs, frames, steps: int) -> None:
                       frames=len(frames))["denoiser_macs"]
     gated = None if inputs.gate is None else count_macs(pipe.unet.config, size["height"], size["width"], steps,
                                                         guidance, inputs.gate, frames=len(frames))["denoiser_macs"]
-    from .generate import si
 
     if gated is None:
         print(f"UNet: {si(base)} MACs per video (no gate)")

@@ -33,10 +33,10 @@ class CLIPTextOutput:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
         d = config.hidden_size
-        self.heads = config.num_attention_heads
+        self.heads, self.causal = config.num_attention_heads, causal  # the image encoder (svd/) has no mask
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
@@ -46,9 +46,9 @@ class Attention(nn.Module):
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         # Causal: token t sees tokens 0..t only. The fused call computes
         #   att = q @ k.transpose(-2, -1) / sqrt(head_dim)        # (B, heads, T, T)
-        #   att = att.masked_fill(upper triangle above the diagonal, -inf).softmax(-1)
+        #   att = att.masked_fill(upper triangle above the diagonal, -inf).softmax(-1)  # (causal only)
         #   y = att @ v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, T, head_dim)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -67,9 +67,9 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS, int_in, is_int
+
+
+# the real models' configs shipped with the package (SD-1.5, SD-2.1, SDXL, LCM-SDXL, PixArt, SVD-XT)
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
 
 class ConfigError(ValueError):

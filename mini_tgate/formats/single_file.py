@@ -43,7 +43,7 @@ import torch
 
 from ..core.bounds import PREDICTION_TYPES, some
 from ..core.clip import CLIPTextModel
-from ..core.config import CLIPTextConfig, UNetConfig, VAEConfig
+from ..core.config import PRESETS, CLIPTextConfig, UNetConfig, VAEConfig
 from ..core.schedulers import scheduler_from_config
 from ..core.tokenizer import CLIPTokenizer
 from ..core.unet import UNet2DConditionModel
@@ -51,7 +51,6 @@ from ..core.vae import AutoencoderKL
 from ..core.weights import (FLOAT_DTYPES, PICKLE_SUFFIXES, CheckpointError, pick_dtype, read_header, read_json,
                             read_tensors)
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
 CLIP_VOCABULARY = Path(__file__).resolve().parent.parent / "clip"  # package data
 
 UNET = "model.diffusion_model."

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.clip import Attention, EncoderLayer
+from ..core.clip import EncoderLayer
 from ..core.weights import PretrainedMixin, read_json, write_json
 from .config import CLIPVisionConfig
 
@@ -34,26 +34,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class CLIPVisionOutput:
     image_embeds: torch.Tensor  # (B, projection_dim): visual_projection(post_layernorm(class token)), not normalised
     last_hidden_state: torch.Tensor  # (B, 1 + patches, D): the last layer's output (no post_layernorm)
-
-
-class VisionAttention(Attention):
-    """core/clip.py's attention (same q/k/v/out_proj), every patch seeing every other: no mask."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, T, head_dim)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # softmax(q @ k.transpose(-2, -1) / sqrt(head_dim)) @ v, fused
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class VisionEncoderLayer(EncoderLayer):
-    """core/clip.py's pre-norm layer (layer_norm1, self_attn, layer_norm2, mlp) with VisionAttention."""
-
-    def __init__(self, config: CLIPVisionConfig):
-        super().__init__(config)
-        self.self_attn = VisionAttention(config)
 
 
 class Embeddings(nn.Module):
@@ -85,7 +65,7 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
             embeddings=Embeddings(config),
             pre_layrnorm=nn.LayerNorm(d, eps=config.layer_norm_eps),
             encoder=nn.ModuleDict(dict(layers=nn.ModuleList(
-                VisionEncoderLayer(config) for _ in range(config.num_hidden_layers)))),
+                EncoderLayer(config, causal=False) for _ in range(config.num_hidden_layers)))),
             post_layernorm=nn.LayerNorm(d, eps=config.layer_norm_eps),
         ))
         self.visual_projection = nn.Linear(d, config.projection_dim, bias=False)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..core.bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS
 from ..core.config import ConfigError, _FromDict
 
+GROUPS = 32  # every group norm of SVD's UNet and VAE has 32 groups (fixed in diffusers' classes)
+
 # ----------------------------------------------------------------------------- the temporal VAE
 
 
@@ -41,7 +43,7 @@ class TemporalVAEConfig(_FromDict):
             self.require(name)
         self.require("layers_per_block", high=MAX_LAYERS)
         for channels in self.block_out_channels:
-            if channels % 32:
+            if channels % GROUPS:
                 raise ConfigError(f"vae block_out_channels {channels} is not divisible by the 32 norm groups")
         if self.scaling_factor == 0:
             raise ConfigError("vae scaling_factor must not be 0 (latents are divided by it)")
@@ -108,7 +110,7 @@ class UNetSpatioTemporalConfig(_FromDict):
         attention = {i for i, t in enumerate(self.down_block_types) if t.startswith("CrossAttn")}
         attention |= {n - 1 - i for i, t in enumerate(self.up_block_types) if t.startswith("CrossAttn")} | {n - 1}
         for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.per_block(self.num_attention_heads))):
-            if channels % 32:
+            if channels % GROUPS:
                 raise ConfigError(f"unet block_out_channels {channels} is not divisible by the 32 norm groups")
             if i in attention and channels % heads:
                 raise ConfigError(f"unet block {i}: {channels} channels do not split into {heads} attention heads")

@@ -32,9 +32,8 @@ from ..core.tgate import StepPlan
 from ..core.unet import (BasicTransformerBlock, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
                          Upsample2D, timestep_embedding)
 from ..core.weights import PretrainedMixin
-from .config import UNetSpatioTemporalConfig
+from .config import GROUPS, UNetSpatioTemporalConfig
 
-GROUPS = 32  # every group norm has 32 groups (fixed in diffusers' classes)
 
 
 def to_video(x: torch.Tensor, frames: int) -> torch.Tensor:

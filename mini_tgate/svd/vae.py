@@ -27,9 +27,8 @@ from ..core.bounds import is_int
 from ..core.config import VAEConfig
 from ..core.vae import EPS, AttentionBlock, DiagonalGaussian, Encoder, ResnetBlock, Upsample, check_input
 from ..core.weights import PretrainedMixin
-from .config import TemporalVAEConfig
+from .config import GROUPS, TemporalVAEConfig
 
-GROUPS = 32  # every group norm here has 32 groups (fixed in diffusers' classes)
 TEMPORAL_EPS = 1e-5  # the temporal resnets' norms (the spatial ones: EPS = 1e-6)
 
 
