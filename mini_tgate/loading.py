@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .core.pipeline import DiffusionPipeline
-from .core.weights import CheckpointError, read_json, resolve
+from .core.weights import CheckpointError, read_model_index, resolve
 from .formats.single_file import is_single_file, pipeline_name
 from .pixart.pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
 from .stable_diffusion.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -41,7 +41,7 @@ def load_pipeline(source, device="cpu", dtype: torch.dtype | None = None, varian
     if prediction_type is not None:
         raise ValueError("prediction_type is for single-file checkpoints; a diffusers folder's scheduler config sets it")
     folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
-    name = read_json(folder / "model_index.json").get("_class_name")
+    name = read_model_index(folder)["_class_name"]
     if name not in PIPELINES:
         raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported "
                               f"(supported: {', '.join(PIPELINES)})")

@@ -50,6 +50,7 @@ def denoiser_config(arch: str | dict | UNetConfig | PixArtTransformerConfig | UN
     """A bundled preset name (sd15, sd21, sdxl, lcm-sdxl, pixart-alpha, pixart-sigma, svd-xt), a path
     to a UNet, PixArt transformer or SVD UNet config.json, or a config; its `_class_name` says which."""
     if isinstance(arch, tuple(MODELS)):
+        arch.check()  # a config built in code is bounded as one read from a file
         return arch
     if isinstance(arch, dict):
         return CONFIGS.get(str(arch.get("_class_name")), UNetConfig).from_dict(arch)  # str: a list is no key

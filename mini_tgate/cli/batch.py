@@ -7,6 +7,7 @@ batches, shared among processes, resumed after a crash and merged into the manif
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -53,22 +54,23 @@ def batch_command(args) -> None:
     share of the batches still to do, then merge the records and sum up (rank 0). Errors before
     the images are made are the same on every rank: rank 0 says them, the others exit quietly."""
     rank, world = jobs.distributed()
-    try:
-        inputs = check_batch(args, world)
-        if world > 1 and inputs.device.type == "cuda":
-            torch.cuda.set_device(inputs.device)
-        job, pending = plan_job(args, inputs, rank, world)
-    except ERRORS:
-        if rank != 0:
-            sys.exit(1)
-        raise
-    already = len(job.images) - sum(len(job.batches[k]) for k in pending)
-    stats = {"images": [0] * world, "busy": [0.0] * world, "wall": 0.0}
-    if pending:  # else there is nothing to load the model for
-        stats = make_images(args, inputs, job, pending, rank, world, already)
-    if rank == 0:
-        job.merge()
-        print(jobs.summary(job, stats, already))
+    with contextlib.ExitStack() as held:  # rank 0's locks of the job's folders (plan_job), until the end
+        try:
+            inputs = check_batch(args, world)
+            if world > 1 and inputs.device.type == "cuda":
+                torch.cuda.set_device(inputs.device)
+            job, pending = plan_job(args, inputs, rank, world, held)
+        except ERRORS:
+            if rank != 0:
+                sys.exit(1)
+            raise
+        already = len(job.images) - sum(len(job.batches[k]) for k in pending)
+        stats = {"images": [0] * world, "busy": [0.0] * world, "wall": 0.0}
+        if pending:  # else there is nothing to load the model for
+            stats = make_images(args, inputs, job, pending, rank, world, already)
+        if rank == 0:
+            job.merge()
+            print(jobs.summary(job, stats, already))
     if world > 1:
         jobs.dist.destroy_process_group()
 
@@ -129,8 +131,9 @@ def check_batch(args, world: int) -> Inputs:
 
 # ----------------------------------------------------------------------------- the job
 
-def plan_job(args, inputs: Inputs, rank: int, world: int) -> tuple[jobs.Job, list[int]]:
-    """The job and the batches still to do: rank 0 plans (the seed, the img2img checks of the
+def plan_job(args, inputs: Inputs, rank: int, world: int, held: contextlib.ExitStack) -> tuple[jobs.Job, list[int]]:
+    """The job and the batches still to do: rank 0 locks the job's folders into `held` (one job a
+    folder; the other ranks are part of this one), plans (the seed, the img2img checks of the
     lines, what the folders hold already) and tells the others; an error is sent to every rank,
     as its message."""
     out, gate = inputs.out, inputs.gate
@@ -144,6 +147,8 @@ def plan_job(args, inputs: Inputs, rank: int, world: int) -> tuple[jobs.Job, lis
 
     def plan():  # rank 0
         try:
+            for folder, _ in folders.values():
+                held.enter_context(jobs.folder_lock(folder))
             seed = jobs.resolve_seed([folder for folder, _ in folders.values()], args.seed)
             planned = job(seed)
             size = None if inputs.init_image is None else (inputs.init_image.shape[3], inputs.init_image.shape[2])

@@ -8,13 +8,14 @@ comes out the same when made alone with `--seed <its seed> --num-images 1` (exac
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.bounds import CLI_MAX_IMAGES, SEED_RANGE, int_in
+from ..core.bounds import CLI_MAX_IMAGES, CLI_NOTE_PIXELS, SEED_RANGE, int_in
 from ..core.schedulers import a1111_names
 from ..core.tgate import TGate
 from ..formats.hub import model_hash
@@ -51,6 +52,7 @@ def generate_command(args) -> None:
           f"in {str(inputs.dtype).removeprefix('torch.')}: {load_time:.1f} s")
     # 4. Make and save the images, batch by batch
     images, timed = plan_images(args, pipe, inputs, seed), None
+    note_size(pipe, images.call, args.batch_size)
     for first in range(0, n, args.batch_size):
         batch = range(first, min(first + args.batch_size, n))
         out, pictures, timed = make_batch(images, inputs.gate, batch, args.compare, timed)
@@ -182,6 +184,27 @@ def make_batch(images: Images, gate: TGate | None, batch: range, compare: bool, 
 
 
 # ----------------------------------------------------------------------------- the report
+
+def note_size(pipe, call: dict, batch_size: int) -> None:
+    """Before a run at far more pixels than the model was trained at (a large --image, say), one
+    line on stderr: how much larger, the work of a step against one at the trained size (about
+    as many times as long) and the memory of one full-size VAE activation, so a user can stop it."""
+    side = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
+    height, width = call["height"], call["width"]
+    if height * width <= CLI_NOTE_PIXELS * side * side:
+        return
+
+    def step_macs(h, w):  # of the denoiser, attention products included
+        h, w, _ = pipe.working_size(h, w, {})  # the size denoised (PixArt bins it)
+        return count_macs(pipe.denoiser.config, h, w, 1, call["guidance_scale"])["denoiser_macs_with_attention"]
+
+    macs, trained = step_macs(height, width), step_macs(side, side)
+    vae = pipe.vae.config.block_out_channels[0] * height * width * batch_size * next(pipe.vae.parameters()).itemsize
+    print(f"note: {width}x{height} is {height * width / side ** 2:,.0f}x the pixels of the {side}x{side} the model "
+          f"was trained at: a step is {si(macs)} MACs, {macs / trained:,.0f}x one at {side}x{side} (about as many "
+          f"times as long), and one full-size VAE activation takes {vae / 2**30:.2f} GiB (Ctrl-C stops the run)",
+          file=sys.stderr, flush=True)
+
 
 def phases(out, steps: int) -> str:
     t = out.timings

@@ -36,7 +36,8 @@ done (a PNG already there is kept, not rewritten), and at the end rank 0 merges 
 into `manifest.jsonl` (one line per image, in the job's order; written to a temporary name and
 renamed) and deletes the parts and the temporary files of killed writers. Every record holds the
 options that decide the pixels; a rerun with other options is refused, naming them. One job at a
-time may write into a folder.
+time writes into a folder (folder_lock), and only regular files are opened there (open_regular): a
+FIFO would hang the run. Records are read one at a time, so memory is flat in their number.
 
 Processes talk through torch.distributed (launched by torchrun: gloo on the CPU, NCCL for CUDA
 tensors); rank 0 plans and tells the others, all count their images after each round of batches
@@ -45,18 +46,25 @@ tensors); rank 0 plans and tells the others, all count their images after each r
 
 from __future__ import annotations
 
+import array
+import codecs
+import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
 import re
+import socket
 import stat
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,19 +72,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.bounds import (BATCH_MAX_IMAGES, BATCH_MAX_MANIFEST, BATCH_MAX_PATH, BATCH_MAX_PROMPT_CHARS,
-                           BATCH_MAX_PROMPT_FILE, BATCH_MAX_RECORD, CLI_MAX_SIDE, SEED_RANGE, int_in, is_int,
-                           is_number)
-from ..core.image import read_image
+from ..core.bounds import (BATCH_MAX_IMAGES, BATCH_MAX_LOCK_TEXT, BATCH_MAX_MANIFEST, BATCH_MAX_PATH,
+                           BATCH_MAX_PROMPT_CHARS, BATCH_MAX_PROMPT_FILE, BATCH_MAX_RECORD, CLI_MAX_SIDE, SEED_RANGE,
+                           int_in, is_int, is_number)
+from ..core.image import read_image, upright_size
 from ..core.tgate import TGate
 from ..formats.png import format_parameters, read_png_text, save_png, to_uint8
 from .loras import untagged
-from .options import random_seed
+from .options import check_runs_a_step, random_seed
+
+try:
+    import fcntl
+except ImportError:  # Windows: folder_lock warns instead
+    fcntl = None
 
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name: no "/", no leading "." (ours: temp and parts)
 JSONL_KEYS = ("prompt", "negative", "seed", "id", "image", "strength")
 MANIFEST = "manifest.jsonl"
+LOCK, LOCKED = ".batch.lock", "mini_tgate batch: "  # the lock file of a folder in use, and how its line starts
 PART = re.compile(r"\.manifest-[0-9a-f]{8}\.jsonl")
+GRADES = ("color", "background", "shape", "all")  # the shapes checker's, in the summary
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,7 @@ def read_prompts(path) -> list[Line]:
     if len(data) > BATCH_MAX_PROMPT_FILE:
         raise ValueError(f"the prompt file {str(path)!r} is larger than {BATCH_MAX_PROMPT_FILE >> 20} MiB "
                          f"(this command's limit); split it")
+    data = data.removeprefix(codecs.BOM_UTF8)  # Notepad's byte-order mark: not part of the first prompt
     jsonl = path.suffix.lower() == ".jsonl"
     folder = path.resolve().parent  # a line's image path is relative to the prompt file
     lines = []
@@ -232,21 +248,85 @@ def total(values: list[float], world: int) -> torch.Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------- one job a folder
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold `folder` for one job (rank 0 takes it for all the ranks of a torchrun job): an exclusive
+    flock of OUT/.batch.lock until the job ends, or a one-line refusal naming the process that holds
+    it (pid, host, start time: the file's line). The kernel drops the lock with its process, so a
+    killed run never blocks the next; the file is removed, still locked, at the end, so a run that
+    locked it meanwhile finds it gone and takes the new one. A folder made here and left empty goes too."""
+    if fcntl is None:  # Windows
+        warnings.warn(f"this system has no flock: nothing stops a second job writing into {str(folder)!r} at once")
+        yield
+        return
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    while True:
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, BATCH_MAX_LOCK_TEXT, 0).decode(errors="replace").removeprefix(LOCKED).split("\n")[0]
+            os.close(fd)
+            raise ValueError(f"{str(folder)!r} is in use by another batch job ({holder or 'starting'}); one job at a "
+                             "time writes into a folder: wait for it to end, or choose another --out")
+        if os.path.lexists(path) and os.path.samestat(os.fstat(fd), os.lstat(path)):
+            break
+        os.close(fd)  # removed by the job that held it, after this run opened it
+    if os.pread(fd, len(LOCKED), 0) not in (b"", LOCKED.encode()):
+        os.close(fd)
+        raise ValueError(f"{str(path)!r} is in the way of batch's lock file and is not one; move it away")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{LOCKED}pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the job's files
+                folder.rmdir()
+
+
 # ----------------------------------------------------------------------------- records
 
-def read_records(path: Path) -> list[dict]:
-    """The JSON lines of a manifest or part file. A last line without its newline is a write
-    that a crash cut short, and is dropped; any other line that is not a JSON object is an error."""
-    size = path.stat().st_size
-    if size > BATCH_MAX_MANIFEST:
-        raise ValueError(f"{str(path)!r} is larger than {BATCH_MAX_MANIFEST >> 30} GiB: not a manifest of this command")
-    records = []
-    with open(path, "rb") as f:
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor of `path`, a file of an output folder, which must be a regular file (or,
+    with O_CREAT, be made one): a FIFO there would block a reader forever, a device never end. Checked
+    before opening (a device is not even opened) and on the open file, which is opened without
+    following a symbolic link and non-blocking, so that a FIFO swapped in between cannot hang it."""
+    def refuse(mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symbolic link",
+                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "a device")
+        raise ValueError(f"{str(path)!r} is {kind}, not a regular file: batch never opens one there (it could "
+                         "block forever); move it away, or choose another --out")
+    if os.path.lexists(path) and not stat.S_ISREG(mode := os.lstat(path).st_mode):
+        refuse(mode)
+    fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+        os.close(fd)
+        refuse(mode)
+    return fd
+
+
+def records_at(path: Path):
+    """(offset, record) for each JSON line of a manifest or part file, read one at a time. A last
+    line without its newline is a write that a crash cut short, and is dropped; any other line that
+    is not a JSON object is an error."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        if os.fstat(f.fileno()).st_size > BATCH_MAX_MANIFEST:
+            raise ValueError(f"{str(path)!r} is larger than {BATCH_MAX_MANIFEST >> 30} GiB: not a manifest of this "
+                             "command")
+        offset = 0
         for number, raw in enumerate(iter(lambda: f.readline(BATCH_MAX_RECORD + 1), b""), 1):
             if not raw.endswith(b"\n"):
                 if len(raw) > BATCH_MAX_RECORD:
                     raise ValueError(f"{str(path)!r} line {number} is longer than {BATCH_MAX_RECORD >> 20} MiB")
-                break  # cut short
+                return  # cut short
             try:
                 record = json.loads(raw)
             except (ValueError, RecursionError):
@@ -254,18 +334,25 @@ def read_records(path: Path) -> list[dict]:
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
                 raise ValueError(f"{str(path)!r} line {number} is not a record of this command; "
                                  "move the file away or choose another --out")
-            records.append(record)
-    return records
+            yield offset, record
+            offset += len(raw)
 
 
-def folder_records(folder: Path) -> tuple[dict[str, dict], list[Path]]:
-    """{id: record} from a folder's manifest and part files (a later record of an id wins), and the parts."""
+def read_records(path: Path):
+    """The records of a manifest or part file, one at a time (records_at)."""
+    return (record for _, record in records_at(path))
+
+
+def record_files(folder: Path) -> list[Path]:
+    """A folder's manifest (when there) and part files, in the order their records count: a later
+    record of an id wins."""
     parts = sorted(p for p in folder.glob(".manifest-*.jsonl") if PART.fullmatch(p.name)) if folder.is_dir() else []
-    records = {}
-    for path in [folder / MANIFEST] * (folder / MANIFEST).is_file() + parts:
-        for record in read_records(path):
-            records[record["id"]] = record
-    return records, parts
+    return [folder / MANIFEST] * os.path.lexists(folder / MANIFEST) + parts
+
+
+def folder_records(folder: Path):
+    """The records of a folder's manifest and part files, one at a time."""
+    return (record for path in record_files(folder) for record in read_records(path))
 
 
 def file_sha256(path) -> str:
@@ -307,38 +394,50 @@ class Job:
         options = {**self.options, "tgate": None if gate is None else dataclasses.asdict(gate)}
         return json.loads(json.dumps(options, sort_keys=True, default=str))  # as read back from a manifest
 
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        """{id: index} of the job's images: a record names its image by id."""
+        return {image.id: i for i, image in enumerate(self.images)}
+
     def plan(self) -> list[int]:
         """The indices of the batches still to do: those with an image whose PNG or record is
         missing in some folder. Refuses a folder whose images were made with other options or
-        other prompts, and a file at an image's name that is not that image."""
+        other prompts, and a file at an image's name that is not that image. The records are
+        read one at a time, never held: each is checked as read."""
         done, digest = [True] * len(self.batches), functools.cache(file_sha256)
         for name, (folder, _) in self.folders.items():
-            options = self.folder_options(name)
-            records, _ = folder_records(folder)
-            for k, batch in enumerate(self.batches):
-                for image in batch:
-                    record, path = records.get(image.id), folder / f"{image.id}.png"
-                    if record is not None:
-                        if record.get("options") != options:
-                            raise ValueError(f"{str(folder)!r} holds images made with other options: "
-                                             f"{describe_options(record.get('options') or {}, options)}; rerun "
-                                             "with the same options, or choose another --out")
-                        if (record.get("prompt"), record.get("negative_prompt"), record.get("seed"),
-                                record.get("image"), record.get("strength")) != \
-                                (image.prompt, image.negative, image.seed, image.image, image.strength):
-                            raise ValueError(f"line {image.line} of the prompt file changed since {str(path)!r} "
-                                             f"was made (it was {record.get('prompt')!r}, seed {record.get('seed')}"
-                                             + (f", image {record['image']!r}" if record.get("image") else "")
-                                             + "); restore the file, or choose another --out")
-                        if image.image is not None and record.get("image_sha256") != digest(image.image):
-                            raise ValueError(f"the image file {image.image!r} of line {image.line} changed since "
-                                             f"{str(path)!r} was made from it; restore it, or choose another --out")
-                    if not path.exists() and not path.is_symlink():
-                        done[k] = False
-                        continue
-                    self.check_existing(path, image, options)
-                    done[k] = done[k] and record is not None
+            options, recorded = self.folder_options(name), bytearray(len(self.images))
+            for record in folder_records(folder):
+                i = self.positions.get(record["id"])
+                if i is not None:
+                    self.check_record(record, self.images[i], folder, options, digest)
+                    recorded[i] = 1
+            for i, image in enumerate(self.images):
+                path, k = folder / f"{image.id}.png", i // self.batch_size
+                if not path.exists() and not path.is_symlink():
+                    done[k] = False
+                    continue
+                self.check_existing(path, image, options)
+                done[k] = done[k] and recorded[i]
         return [k for k, d in enumerate(done) if not d]
+
+    @staticmethod
+    def check_record(record: dict, image: Image, folder: Path, options: dict, digest) -> None:
+        """A record of one of the job's images must be of these options, this prompt and seed, and this image file."""
+        path = folder / f"{image.id}.png"
+        if record.get("options") != options:
+            raise ValueError(f"{str(folder)!r} holds images made with other options: "
+                             f"{describe_options(record.get('options') or {}, options)}; rerun "
+                             "with the same options, or choose another --out")
+        if (record.get("prompt"), record.get("negative_prompt"), record.get("seed"), record.get("image"),
+                record.get("strength")) != (image.prompt, image.negative, image.seed, image.image, image.strength):
+            raise ValueError(f"line {image.line} of the prompt file changed since {str(path)!r} "
+                             f"was made (it was {record.get('prompt')!r}, seed {record.get('seed')}"
+                             + (f", image {record['image']!r}" if record.get("image") else "")
+                             + "); restore the file, or choose another --out")
+        if image.image is not None and record.get("image_sha256") != digest(image.image):
+            raise ValueError(f"the image file {image.image!r} of line {image.line} changed since "
+                             f"{str(path)!r} was made from it; restore it, or choose another --out")
 
     @staticmethod
     def check_existing(path: Path, image: Image, options: dict) -> None:
@@ -357,22 +456,37 @@ class Job:
     def merge(self) -> None:
         """Rank 0, after every rank is done: each folder's records into manifest.jsonl, one line
         an image (the job's images in order, then any other images the folder held before),
-        written under a temporary name and renamed; then the parts and stale temporary PNGs go."""
+        written under a temporary name and renamed; then the parts and stale temporary PNGs go.
+        Memory is flat in the records: a first pass notes where each image's last record lies (a
+        later record of an id wins), the second copies those lines one at a time. Ids not of the
+        job (lines since dropped from the prompt file: few) are kept in a dict, in the order first seen."""
         for name, (folder, _) in self.folders.items():
-            records, parts = folder_records(folder)
-            ours = [records.pop(image.id) for image in self.images if image.id in records]
-            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ours + list(records.values()))
+            files = record_files(folder)
+            file_of = array.array("q", [-1]) * len(self.images)  # where each image's last record lies: file,
+            offset_of, others = array.array("q", file_of), {}  # offset; others: {id: (file, offset)}
+            for n, path in enumerate(files):
+                for offset, record in records_at(path):
+                    i = self.positions.get(record["id"])
+                    if i is None:
+                        others[record["id"]] = n, offset
+                    else:
+                        file_of[i], offset_of[i] = n, offset
             tmp = folder / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                with open(tmp, "x", encoding="utf-8") as f:
-                    f.write(lines)
-                    f.flush()
-                    os.fsync(f.fileno())
+                with contextlib.ExitStack() as stack, open(tmp, "xb") as out:
+                    readers = [stack.enter_context(os.fdopen(open_regular(path), "rb")) for path in files]
+                    for n, offset in itertools.chain(zip(file_of, offset_of), others.values()):
+                        if n >= 0:
+                            readers[n].seek(offset)
+                            out.write(readers[n].readline(BATCH_MAX_RECORD + 1))
+                    out.flush()
+                    os.fsync(out.fileno())
                 os.replace(tmp, folder / MANIFEST)
             finally:
                 tmp.unlink(missing_ok=True)
-            for part in parts:
-                part.unlink(missing_ok=True)
+            for part in files:
+                if part.name != MANIFEST:
+                    part.unlink(missing_ok=True)
             names = {f".{image.id}.png" for image in self.images}
             for tmp in folder.glob(".*.png.*.tmp"):  # save_png's temporary names, left by a killed writer
                 if tmp.name.rsplit(".", 2)[0] in names:
@@ -389,7 +503,7 @@ def image_size(path: str, where: str) -> tuple[int, int]:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device could block or never end
             raise ValueError(f"{where}: the image file {path!r} is not a regular file")
         with PILImage.open(path) as im:
-            w, h = im.size
+            w, h = upright_size(im)  # after its EXIF orientation, as it will be read
     except (OSError, PILImage.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise ValueError(f"{where}: cannot read the image file {path!r}: {getattr(e, 'strerror', None) or e}") from None
     if max(w, h) > CLI_MAX_SIDE or w % 8 or h % 8:
@@ -418,9 +532,7 @@ def check_img2img(job: Job, steps: int, size: tuple[int, int] | None, height: in
                              "one (or --image, for those without), or none")
         if sizes[image.image] is None and image.strength is not None:
             raise ValueError(f"{where}: \"strength\" is for img2img: give the line an \"image\" too, or --image")
-        if image.strength is not None and int(steps * image.strength) < 1:
-            raise ValueError(f"{where}: strength {image.strength} of --steps {steps} runs int({steps} * "
-                             f"{image.strength}) = 0 steps; give more steps or a higher strength")
+        check_runs_a_step(image.strength, steps, f"{where}: strength")
     if sizes[job.images[0].image] is None:
         return  # text to image
     for batch in job.batches:
@@ -439,7 +551,7 @@ def resolve_seed(folders: list[Path], seed: int) -> int:
     if seed != -1:
         return seed
     for folder in folders:
-        for record in folder_records(folder)[0].values():
+        for record in folder_records(folder):
             recorded = (record.get("options") or {}).get("seed")
             if is_int(recorded):
                 return recorded
@@ -600,28 +712,37 @@ def summary(job: Job, stats: dict, already: int) -> str:
     if made:
         lines += [f"  rank {rank}: {n} images in {busy:.1f} s busy" + (f", {n / busy:.2f} images/s" if n else "")
                   for rank, (n, busy) in enumerate(zip(stats["images"], stats["busy"]))]
-    records = {name: manifest_records(job, name) for name in job.folders}
+    totals = {name: folder_totals(job, name) for name in job.folders}
     for name, (folder, gate) in job.folders.items():
-        if gate is None or not records[name]:
+        first = totals[name][0]
+        if gate is None or first is None:
             continue
-        macs, base = records[name][0]["denoiser_macs"], records[name][0]["denoiser_macs_no_gate"]
+        macs, base = first["denoiser_macs"], first["denoiser_macs_no_gate"]
         lines.append(f"denoiser MACs per image: {macs / 1e9:.3f} G with TGATE (gate step {gate.gate_step}, "
                      f"sp_interval {gate.sp_interval}, fi_interval {gate.fi_interval}, warm-up {gate.warm_up}), "
                      f"{base / 1e9:.3f} G without: {1 - macs / base:.1%} fewer")
-    diffs = [r["mean_abs_diff_to_no_tgate"] for r in records.get("tgate", [])]
-    if diffs:
-        lines.append(f"mean absolute pixel difference, TGATE vs no gate: {np.mean(diffs):.2f} (0-255)")
-    for name, rs in records.items():
-        grades = [r["adherence"] for r in rs if "adherence" in r]
-        if grades:
+    gated = totals.get("tgate", (None, collections.Counter()))[1]
+    if gated["diffs"]:
+        lines.append(f"mean absolute pixel difference, TGATE vs no gate: {gated['diff'] / gated['diffs']:.2f} (0-255)")
+    for name, (_, sums) in totals.items():
+        if sums["graded"]:
             lines.append(f"shapes checker, {name or 'images'}: " + ", ".join(
-                f"{k} {np.mean([g[k] for g in grades]):.1%}" for k in ("color", "background", "shape", "all")))
+                f"{k} {sums[k] / sums['graded']:.1%}" for k in GRADES))
     lines += [f"manifest: {job.folders[name][0] / MANIFEST}" for name in job.folders]
     return "\n".join(lines)
 
 
-def manifest_records(job: Job, name: str) -> list[dict]:
-    """The merged records of the job's images in one folder."""
-    folder = job.folders[name][0]
-    records = {r["id"]: r for r in read_records(folder / MANIFEST)} if (folder / MANIFEST).is_file() else {}
-    return [records[image.id] for image in job.images if image.id in records]
+def folder_totals(job: Job, name: str) -> tuple[dict | None, collections.Counter]:
+    """What the summary says of one folder, from its merged records read one at a time: the first
+    record of the job's images, and sums and counts of the differences to the no-gate images and
+    of the checker's grades."""
+    first, sums = None, collections.Counter()
+    for record in read_records(job.folders[name][0] / MANIFEST):
+        if record["id"] not in job.positions:
+            continue
+        first = first or record
+        if "mean_abs_diff_to_no_tgate" in record:
+            sums.update(diff=record["mean_abs_diff_to_no_tgate"], diffs=1)
+        if "adherence" in record:
+            sums.update(graded=1, **{k: record["adherence"][k] for k in GRADES})
+    return first, sums

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..core.bounds import is_number
+from ..formats.lora import SCALES, scale_ok
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's prompt tag <lora:NAME:MULTIPLIER> (prompt_tags)
 
@@ -21,8 +21,8 @@ def loras_from(args) -> list[tuple[str, float]]:
             number = float(scale) if colon and path else None
         except ValueError:
             number = None
-        if number is not None and not is_number(number):
-            raise ValueError(f"--lora {value}: the scale must be a finite number")
+        if number is not None and not scale_ok(number):
+            raise ValueError(f"--lora {value}: the scale must be {SCALES}")
         loras.append((value, 1.0) if number is None else (path, number))
     return loras
 
@@ -53,8 +53,8 @@ def prompt_tags(prompt: str) -> list[tuple[str, float]]:
             scale = float(args[1]) if len(args) == 2 else 1.0
         except ValueError:
             raise ValueError(f"{m[0]}: the multiplier {args[1]!r} is not a number") from None
-        if not is_number(scale):
-            raise ValueError(f"{m[0]}: the multiplier must be a finite number")
+        if not scale_ok(scale):
+            raise ValueError(f"{m[0]}: the multiplier must be {SCALES}")
         tags.append((args[0], scale))
     last = dict(tags)
     return [(name, last[name]) for name, _ in tags]

@@ -189,6 +189,8 @@ def image_option(args, per_line: bool = False) -> torch.Tensor | None:
         if args.strength is not None and not per_line:
             raise ValueError("--strength is for img2img: give --image too")
         return None
+    if not per_line:  # batch checks each line's strength (jobs.check_img2img)
+        check_runs_a_step(args.strength, args.steps, "--strength")
     pixels = read_image(args.image, CLI_MAX_SIDE)
     h, w = pixels.shape[2:]
     if h % 8 or w % 8:
@@ -200,6 +202,14 @@ def image_option(args, per_line: bool = False) -> torch.Tensor | None:
     return pixels
 
 
+def check_runs_a_step(strength: float | None, steps: int, what: str) -> None:
+    """img2img runs the last int(steps * strength) steps (diffusers' rule): refuse none, before
+    loading (shared with `batch`). `what` names the strength in the message."""
+    if strength is not None and int(steps * strength) < 1:
+        raise ValueError(f"{what} {strength} of --steps {steps} runs int({steps} * {strength}) = 0 steps; "
+                         "give more steps or a higher strength")
+
+
 def pick_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,6 +219,8 @@ def pick_device(name: str | None) -> torch.device:
         device = None
     if device is None or device.type not in DEVICES:
         raise ValueError(f"--device {name}: supported devices are cpu, cuda and cuda:N")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {name}: the CPU is one device, cpu (or cpu:0)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

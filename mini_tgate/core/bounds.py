@@ -75,6 +75,16 @@ MAX_INT = 2**20  # every integer of a config, lists included
 MAX_LAYERS = 256  # the layers of one stack
 MAX_BLOCKS = 16  # UNet / VAE resolution levels (SD: 4)
 MAX_TRAIN_TIMESTEPS = 100_000  # a scheduler config's abar_t table (1000 in practice)
+# What a whole config implies, estimated arithmetically before anything is built (config.py's
+# Size): the largest real models have 4.8 B parameters (T5-XXL's encoder; SDXL's UNet 2.6 B,
+# SVD-XT's 1.5 B, PixArt's 0.6 B), 87 resnet and transformer blocks (SDXL's UNet; SVD-XT's 76)
+# and 44 TMACs in one denoiser call on one input at its trained size (SVD-XT's 25 frames at
+# 768x768; SDXL 3.8 T, PixArt 3.5 T). Building on the meta device and counting MACs there take
+# time in the number of blocks: about 25 ms a block per distinct step, seconds at the bound.
+MAX_PARAMS = 20 * 10**9
+MAX_MODEL_LAYERS = 256
+MAX_STEP_MACS = 10**15
+SCALING_FACTOR_BOUND = 1e6  # a VAE's |scaling_factor| lies in [1 / this, this] (SD: 0.18215, SDXL: 0.13025)
 MAX_SIGMA = 2.0**63  # a scheduler's sigma_max: init_noise_sigma = sqrt(sigma_max^2 + 1) must fit a float32 (SVD: 700)
 # Prompts are padded to model_max_length tokens (CLIP 77, T5 512): at least BOS + EOS, at most
 # this. transformers writes int(1e30) (or int(1e20)) when a tokenizer has no limit.
@@ -109,3 +119,18 @@ def some(items, n: int = 5) -> str:
     items = list(items)
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(map(str, items[:n])) + more
+
+# ----------------------------------------------------------------------------- LoRA scales
+# A1111's multipliers lie in [-2, 2] in practice (slider LoRAs: about +-10). A scale of 1e30
+# keeps merged float32 weights finite while the UNet's activations overflow to inf: refused.
+MAX_LORA_SCALE = 100  # |--lora PATH:SCALE|, |<lora:NAME:MULTIPLIER>|, |load_lora_weights(scale=)|
+
+# ----------------------------------------------------------------------------- batch's folder lock
+# The lock file holds one line (pid, host name of at most 255 bytes, start time): a run refused
+# reads this much of it to say which process holds the folder.
+BATCH_MAX_LOCK_TEXT = 1024  # bytes read of a folder's lock file
+
+# ----------------------------------------------------------------------------- generate's notes
+# A model makes images of more pixels than it was trained at slowly (attention's work grows with
+# their square) and badly (repeated subjects): past 4x them (twice a side), generate says so first.
+CLI_NOTE_PIXELS = 4

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS, int_in, is_int
+from .bounds import (MAX_BLOCKS, MAX_INT, MAX_LAYERS, MAX_MODEL_LAYERS, MAX_PARAMS, MAX_STEP_MACS,
+                     SCALING_FACTOR_BOUND, int_in, is_int, is_number)
 
 
 # the real models' configs shipped with the package (SD-1.5, SD-2.1, SDXL, LCM-SDXL, PixArt, SVD-XT)
@@ -54,6 +55,33 @@ def out_of_range(value) -> bool:
     return is_int(value) and abs(value) > MAX_INT
 
 
+@dataclass
+class Size:
+    """What a config implies, estimated from its widths and depths without building anything:
+    the parameters of its convolutions and projections (norms and biases left out), its layers
+    (resnet, attention and transformer blocks) and the MACs of one call on one input (each
+    weight once per position it applies at, plus self-attention's two products)."""
+
+    params: int = 0
+    layers: int = 0
+    macs: int = 0
+
+    def add(self, params: int, positions: int = 0, layers: int = 0, attention: int = 0) -> None:
+        self.params += params
+        self.layers += layers
+        self.macs += params * positions + attention
+
+
+def resnet(cin: int, cout: int, temb: int = 0) -> int:
+    """ResnetBlock2D's parameters: two 3x3 convolutions, the time projection, a 1x1 shortcut where the width changes."""
+    return 9 * cin * cout + 9 * cout * cout + temb * cout + (cin * cout if cin != cout else 0)
+
+
+def transformer_block(c: int, context: int, ff_in: bool = False) -> int:
+    """BasicTransformerBlock's: self-attention, cross-attention, GEGLU feed-forward (x4); SVD's temporal one has two."""
+    return 4 * c * c + 2 * c * (c + context) + 12 * c * c * (2 if ff_in else 1)
+
+
 def short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -91,6 +119,14 @@ class _FromDict:
 
     def check(self) -> None:
         pass
+
+    def check_size(self, size: Size) -> None:
+        """The model this config implies is within MAX_PARAMS, MAX_MODEL_LAYERS and MAX_STEP_MACS."""
+        for what, value, bound in (("parameters", size.params, MAX_PARAMS), ("layers", size.layers, MAX_MODEL_LAYERS),
+                                   ("MACs in one step", size.macs, MAX_STEP_MACS)):
+            if value > bound:
+                raise ConfigError(f"{self.component or type(self).__name__} config implies {value:.3g} {what}, "
+                                  f"more than any real model (limit {bound:.3g})")
 
     def require(self, field: str, low: int = 1, high: int = MAX_INT, each: bool = False) -> None:
         """`field` is an integer in [low, high] (or, with `each`, an int or a non-empty list of them)."""
@@ -141,6 +177,10 @@ class CLIPTextConfig(_FromDict):
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"text encoder hidden_size={self.hidden_size} must be divisible by "
                               f"num_attention_heads={self.num_attention_heads}")
+        h = self.hidden_size
+        self.check_size(Size((self.vocab_size + self.max_position_embeddings + self.projection_dim) * h
+                             + self.num_hidden_layers * (4 * h * h + 2 * h * self.intermediate_size),
+                             layers=self.num_hidden_layers))
 
 
 @dataclass
@@ -266,6 +306,15 @@ class UNetConfig(_FromDict):
         for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.heads())):
             if i in attention and channels % heads:
                 raise ConfigError(f"unet block {i}: {channels} channels do not split into {heads} attention heads")
+        if not (is_number(self.norm_eps) and self.norm_eps > 0):
+            raise ConfigError(f"unet config norm_eps={self.norm_eps!r} must be a positive number")
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is not None and not (len(reverse) == n and all(
+                int_in(v, 1, MAX_LAYERS) or isinstance(v, list) and len(v) == self.layers_per_block + 1
+                and all(int_in(x, 1, MAX_LAYERS) for x in v) for v in reverse)):
+            raise ConfigError(f"unet reverse_transformer_layers_per_block={short(reverse)}: expected one value per "
+                              f"block, each from 1 to {MAX_LAYERS} or a list of one per layer")
+        self.check_size(unet_size(self))
 
 
 @dataclass
@@ -307,5 +356,71 @@ class VAEConfig(_FromDict):
             if channels % self.norm_num_groups:
                 raise ConfigError(f"vae block_out_channels {channels} is not divisible by "
                                   f"norm_num_groups={self.norm_num_groups}")
-        if self.scaling_factor == 0:
-            raise ConfigError("vae scaling_factor must not be 0 (latents are divided by it)")
+        check_scaling_factor(self.scaling_factor)
+        self.check_size(vae_size(self))
+
+
+def check_scaling_factor(value) -> None:
+    """A VAE's scaling_factor: latents are multiplied by it and divided by it."""
+    if not (is_number(value) and 1 / SCALING_FACTOR_BOUND <= abs(value) <= SCALING_FACTOR_BOUND):
+        raise ConfigError(f"vae config scaling_factor={value!r} must not be 0, nor of magnitude under "
+                          f"{1 / SCALING_FACTOR_BOUND:g} or over {SCALING_FACTOR_BOUND:g} (latents are divided by it)")
+
+
+def unet_size(cfg, video: bool = False) -> Size:
+    """The Size of a UNet2DConditionModel at its sample_size, or with `video` of SVD's spatio-temporal
+    UNet on num_frames frames (each resnet and transformer block has a temporal twin)."""
+    ch, twin = list(cfg.block_out_channels), 1 + video  # a video UNet's blocks come in pairs
+    n, temb = len(ch), 4 * ch[0]
+    cross, depth = cfg.per_block(cfg.cross_attention_dim), cfg.per_block(cfg.transformer_layers_per_block)
+    layers, up_depth = cfg.per_block(cfg.layers_per_block), getattr(cfg, "reverse_transformer_layers_per_block", None)
+    sample = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else [cfg.sample_size or 1] * 2
+    frames, size = cfg.num_frames if video else 1, Size()
+
+    def positions(level: int) -> int:
+        return frames * math.prod(max(side >> max(level, 0), 1) for side in sample)
+
+    def block(cin: int, c: int, level: int, attention: bool, blocks: int = 1):  # a resnet and maybe a transformer
+        p = positions(level)
+        size.add(resnet(cin, c, temb) + (6 * c * c + temb * c) * video, p, layers=twin)
+        if attention:
+            per = transformer_block(c, cross[level]) + transformer_block(c, cross[level], ff_in=True) * video
+            size.add(2 * c * c + blocks * per, p, layers=twin * blocks, attention=2 * blocks * p * p // frames * c)
+
+    kernels = (getattr(cfg, "conv_in_kernel", 3) ** 2 * cfg.in_channels
+               + getattr(cfg, "conv_out_kernel", 3) ** 2 * cfg.out_channels)
+    extra = (cfg.projection_class_embeddings_input_dim or 0) + (getattr(cfg, "time_cond_proj_dim", None) or 0)
+    size.add(kernels * ch[0], positions(0))
+    size.add((ch[0] + extra) * temb + 2 * temb * temb)
+    for i, kind in enumerate(cfg.down_block_types):
+        for k in range(layers[i]):
+            block(ch[max(i - 1, 0)] if k == 0 else ch[i], ch[i], i, kind.startswith("CrossAttn"), depth[i])
+        size.add(9 * ch[i] * ch[i] * (i < n - 1), positions(i + 1))  # downsampling
+    if getattr(cfg, "mid_block_type", True):
+        block(ch[-1], ch[-1], n - 1, True, depth[-1])
+        block(ch[-1], ch[-1], n - 1, False)
+    for i, kind in enumerate(cfg.up_block_types):
+        j = n - 1 - i  # the matching down block
+        skips = [ch[j]] * layers[j] + [ch[max(j - 1, 0)]]
+        blocks = up_depth[i] if up_depth else depth[j]
+        blocks = blocks if isinstance(blocks, list) else [blocks] * len(skips)
+        for k, skip in enumerate(skips):
+            cin = (ch[min(j + 1, n - 1)] if k == 0 else ch[j]) + skip
+            block(cin, ch[j], j, kind.startswith("CrossAttn"), blocks[k])
+        size.add(9 * ch[j] * ch[j] * (i < n - 1), positions(j - 1))  # upsampling
+    return size
+
+
+def vae_size(cfg, video: bool = False) -> Size:
+    """The Size of an AutoencoderKL, or with `video` of SVD's temporal decoder (a time-mixing resnet after each
+    decoder resnet), without MACs: the VAE runs once per image."""
+    ch, n, size = list(cfg.block_out_channels), len(cfg.block_out_channels), Size()
+    size.add(9 * (cfg.in_channels + cfg.out_channels) * ch[0] + 27 * cfg.latent_channels * ch[-1])
+    for i, c in enumerate(ch):
+        for k in range(cfg.layers_per_block):  # the encoder's
+            size.add(resnet(ch[max(i - 1, 0)] if k == 0 else c, c), layers=1)
+        for k in range(cfg.layers_per_block + 1):  # the decoder's
+            size.add(resnet(ch[min(i + 1, n - 1)] if k == 0 else c, c) + 6 * c * c * video, layers=1)
+        size.add(18 * c * c)  # down- and upsampling
+    size.add(4 * resnet(ch[-1], ch[-1]) + 8 * ch[-1] ** 2, layers=6)  # the two mid blocks: 2 resnets, 1 attention each
+    return size

@@ -5,11 +5,14 @@ same kinds and makes the same numbers of them):
 - a numpy array (H, W, 3) or (N, H, W, 3): uint8 (0..255) or floating point in [0, 1];
 - a torch tensor (N, 3, H, W) or (3, H, W): floating point in [0, 1], or uint8;
 - a PIL image (any mode: converted to RGB, so grey, palette and RGBA images work; alpha is dropped);
-- a file path, read with Pillow. Pillow stays optional: without it a path is refused with a
-  message saying so, and the other kinds work.
+- a file path, read with Pillow and turned upright by its EXIF orientation (a phone's photo), as
+  diffusers' `load_image`. Pillow stays optional: without it a path is refused with a message
+  saying so, and the other kinds work.
 
-uint8 values become v / 255 in float32, as diffusers' `pil_to_numpy`. Nothing is resized: the
-pipeline takes its height and width from the image and refuses sizes it cannot encode.
+uint8 values become v / 255 in float32, as diffusers' `pil_to_numpy`. 16-bit grey images (PNG)
+become 8 bits as round(v / 257), 65535 -> 255 (Pillow's convert("RGB"), and so diffusers, clips
+them at 255: nearly white). Nothing is resized: the pipeline takes its height and width from the
+image and refuses sizes it cannot encode.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def read_image(image, max_side: int) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = open_image(Path(image), max_side)
     elif type(image).__module__.startswith("PIL."):
-        image = np.asarray(image.convert("RGB"))
+        image = rgb(image)
     if isinstance(image, np.ndarray):
         if image.ndim == 3:
             image = image[None]
@@ -60,7 +63,7 @@ def unit_range(x: torch.Tensor) -> torch.Tensor:
 def open_image(path: Path, max_side: int) -> np.ndarray:
     """An image file as a uint8 array (1, H, W, 3), read with Pillow (its first frame)."""
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise ImportError(f"reading the image file {path} needs Pillow (pip install pillow); "
                           "or pass the image as a numpy array or torch tensor") from None
@@ -69,10 +72,29 @@ def open_image(path: Path, max_side: int) -> np.ndarray:
     if not path.is_file():  # a directory, FIFO or device: open() on those fails or hangs
         raise ValueError(f"image file {path}: not a regular file")
     try:
-        with Image.open(path) as im:  # reads the header only; pixels are decoded by convert()
+        with Image.open(path) as im:  # reads the header only; pixels are decoded by rgb()
             if max(im.size) > max_side:
                 raise ValueError(f"image file {path} is {im.size[0]}x{im.size[1]} pixels; at most {max_side} "
                                  "a side is allowed")
-            return np.asarray(im.convert("RGB"))[None]  # (1, H, W, 3) uint8
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as e:
+            return rgb(ImageOps.exif_transpose(im))[None]  # (1, H, W, 3) uint8
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # OSError: a truncated file too
         raise ValueError(f"image file {path}: not an image Pillow can read ({e})") from None
+
+
+def rgb(im) -> np.ndarray:
+    """A PIL image as uint8 (H, W, 3); 16-bit grey scaled to 8 bits (the module docstring)."""
+    if im.mode == "I" or im.mode.startswith("I;16"):  # "I": how older Pillow reads 16-bit PNGs
+        grey = (np.asarray(im).astype(np.int64).clip(0, 65535) + 128) // 257
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
+
+
+def upright_size(im) -> tuple[int, int]:
+    """(width, height) of an open PIL image as read_image gives it (EXIF orientations 5 to 8 turn
+    it a quarter), from its header: a PNG's eXIf chunk counts when it comes before the pixels."""
+    w, h = im.size
+    try:
+        exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}  # a PNG's getexif decodes it
+    except SyntaxError as e:  # what Pillow raises for EXIF data that is not TIFF: an OSError, as open's
+        raise OSError(f"its EXIF data: {e}") from None
+    return (h, w) if exif.get(0x0112) in (5, 6, 7, 8) else (w, h)

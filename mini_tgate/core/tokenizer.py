@@ -32,6 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .bounds import MAX_MODEL_MAX_LENGTH, int_in, is_int
+from .config import short
 from .weights import CheckpointError, read_json, resolve, write_json
 
 # OpenAI's word pattern: the two special tokens, contractions, runs of letters, one digit at a
@@ -73,8 +74,27 @@ def tokenizer_folder(source, subfolder: str | None, local_files_only: bool, cach
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e})") from None
+    return check_merges([line.split(" ") for line in lines if line and not line.startswith("#version")], path)
+
+
+def check_merges(merges: list, path: Path) -> list[tuple[str, str]]:
+    """BPE merges: pairs of symbols (a line "a b" of merges.txt, or tokenizer.json's "a b" or ["a", "b"])."""
+    merges = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    bad = [m for m in merges if not (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} merges are not two symbols, e.g. {short(bad[0])}")
+    return [tuple(m) for m in merges]
+
+
+def check_vocab(vocab, path: Path) -> dict[str, int]:
+    """A BPE vocabulary: an object of token -> id."""
+    if not (isinstance(vocab, dict) and all(int_in(i, 0, 2**31 - 1) for i in vocab.values())):
+        raise CheckpointError(f"{path}: the vocabulary must be an object of token -> id (a non-negative integer)")
+    return vocab
 
 
 def added_token(t: str | dict) -> AddedToken:
@@ -82,6 +102,9 @@ def added_token(t: str | dict) -> AddedToken:
     if isinstance(t, str):
         return AddedToken(t, special=True, normalized=False)
     keys = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+    if not (isinstance(t, dict) and isinstance(t.get("content"), str)
+            and all(isinstance(t.get(k, False), bool) for k in keys[1:])):
+        raise ValueError(f"special token {short(t)}: expected a string or an object with a string 'content'")
     return AddedToken(**{"special": True, **{k: t[k] for k in keys if k in t}})
 
 
@@ -130,16 +153,17 @@ class CLIPTokenizer:
         folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision)
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         listed = []  # added tokens with their ids and flags
-        if (folder / "tokenizer.json").is_file():
-            data = read_json(folder / "tokenizer.json")
+        files = [folder / "tokenizer.json"]  # where the vocabulary and the special tokens come from
+        if files[0].is_file():
+            data = read_json(files[0])
             model = data.get("model", {})
-            if model.get("type") != "BPE":
-                raise CheckpointError(f"{folder / 'tokenizer.json'}: not a BPE tokenizer")
-            vocab = model["vocab"]
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("merges"), list):
+                raise CheckpointError(f"{files[0]}: not a BPE tokenizer")
+            vocab, merges = check_vocab(model.get("vocab"), files[0]), check_merges(model["merges"], files[0])
             listed = data.get("added_tokens", [])
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab, merges = read_json(folder / "vocab.json"), read_merges(folder / "merges.txt")
+            files = [folder / "vocab.json", folder / "merges.txt"]
+            vocab, merges = check_vocab(read_json(files[0]), files[0]), read_merges(files[1])
         else:
             raise CheckpointError(f"{folder}: neither tokenizer.json nor vocab.json + merges.txt")
 
@@ -147,20 +171,26 @@ class CLIPTokenizer:
         # 4.34 tokenizer_config.json lists them under `added_tokens_decoder`; older folders
         # name them in special_tokens_map.json (over tokenizer_config.json) and tokenizer.json.
         # `normalized: true` matches a token after lower-casing, so "<|ENDOFTEXT|>" counts too.
-        names = config
-        if "added_tokens_decoder" in config:
-            listed = [dict(t, id=int(i)) for i, t in config["added_tokens_decoder"].items()]
-        elif (folder / "special_tokens_map.json").is_file():
-            names = {**config, **read_json(folder / "special_tokens_map.json")}
-        added = [added_token(t) for t in sorted(listed, key=lambda t: t["id"])]
-        specials = {k: added_token(names.get(k) or v) for k, v in SPECIAL_DEFAULTS.items()}
-        added += [t for t in specials.values() if t.content not in {a.content for a in added}]
-        length = config_max_length(config, 77)
+        names, where = config, folder / "tokenizer_config.json"
+        try:
+            if "added_tokens_decoder" in config:
+                listed = [dict(t, id=int(i)) for i, t in config["added_tokens_decoder"].items()]
+            elif (folder / "special_tokens_map.json").is_file():
+                names = {**config, **read_json(folder / "special_tokens_map.json")}
+                where = f"{where} / special_tokens_map.json"
+            added = [added_token(t) for t in sorted(listed, key=lambda t: t["id"])]
+            specials = {k: added_token(names.get(k) or v) for k, v in SPECIAL_DEFAULTS.items()}
+            added += [t for t in specials.values() if t.content not in {a.content for a in added}]
+            length = check_model_max_length(config_max_length(config, 77), 2)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{where}: {e}") from None
         try:
             return cls(vocab, merges, added_tokens=added, model_max_length=length,
                        **{k: t.content for k, t in specials.items()})
-        except ValueError as e:
-            raise CheckpointError(f"{folder / 'tokenizer_config.json'}: {e}") from None
+        except CheckpointError as e:  # a special token not in the vocabulary
+            raise CheckpointError(f"{where}: {e}") from None
+        except Exception as e:  # the tokenizers library's: merges of symbols not in the vocabulary, ...
+            raise CheckpointError(f"{' / '.join(map(str, files))}: {str(e).splitlines()[0][:200]}") from None
 
     def save_pretrained(self, folder) -> None:
         """Write `vocab.json`, `merges.txt`, `special_tokens_map.json` and `tokenizer_config.json`,

@@ -9,7 +9,8 @@ optionally as a variant (`*.fp16.safetensors`) or in shards listed by
 Models are built on the meta device (no memory), then each tensor is read from the file,
 cast to the requested dtype and device one at a time, and put in place with
 `load_state_dict(assign=True)`: weights are never allocated twice. Loading is strict: any
-missing, unexpected or mis-shaped key is an error that names the file and the keys.
+missing, unexpected or mis-shaped key is an error that names the file and the keys, found
+from the files' headers before any tensor is read.
 Pickle-based files (`.bin`, `.ckpt`, `.pt`, `.pth`) are refused: unpickling runs code.
 Files are distrusted: a JSON file must be one object of at most 16 MiB, a shard index may
 only name files inside its own folder, and weights must be floating point.
@@ -183,13 +184,28 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB, not a checkpoint's JSON file")
     try:
         value = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except ValueError as e:  # not JSON, not UTF-8, or an integer of more than 4,300 digits
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: must hold a JSON object {{...}}, not a {type(value).__name__}")
     return value
+
+
+def read_model_index(folder: Path) -> dict:
+    """A pipeline folder's model_index.json: `_class_name` a string, each component a [library, class] pair."""
+    path = folder / "model_index.json"
+    index = read_json(path)
+    if not isinstance(index.get("_class_name"), str):
+        raise CheckpointError(f"{path}: _class_name must be the pipeline's class name, "
+                              f"got {index.get('_class_name')!r:.60}")
+    for key in (*COMPONENTS, "image_encoder", "feature_extractor", "safety_checker"):
+        pair = index.get(key, [None, None])
+        if not (isinstance(pair, list) and len(pair) == 2 and all(v is None or isinstance(v, str) for v in pair)):
+            raise CheckpointError(f"{path}: {key} must be a [library, class] pair such as "
+                                  f'["diffusers", "UNet2DConditionModel"], got {pair!r:.60}')
+    return index
 
 
 def shard_names(index: Path) -> list[str]:
@@ -274,7 +290,7 @@ def read_header(path: Path, max_bytes: int = MAX_FILE_BYTES, max_tensors: int = 
             refuse(f"header length {n}; a header is 2 bytes to {MAX_HEADER_BYTES // 2**20} MiB and lies inside the file")
         try:
             header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=lambda pairs: unique(pairs, path))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an integer of 4,300+ digits
             refuse(f"its header is not JSON: {e}")
     if not isinstance(header, dict):
         refuse("its header is not a JSON object")
@@ -357,24 +373,18 @@ def read_file(path: Path, max_bytes: int, max_tensors: int, what: str) -> tuple[
 
 # ----------------------------------------------------------------------------- loading
 
-def read_weights(files: list[Path], dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, floating ones cast to dtype, each moved as it is read."""
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        return t.to(device)  # a bad device fails here with torch's own error, not as a bad file
-
-    state = {}
+def read_headers(files: list[Path]) -> dict[Path, Header]:
+    """The header of each file, checked to hold floating-point weights only."""
+    headers = {}
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed by the shard index)")
-        header = read_header(path)
-        for k, (kind, *_) in header.tensors.items():  # every model here holds floats only
+        headers[path] = read_header(path)
+        for k, (kind, *_) in headers[path].tensors.items():  # every model here holds floats only
             if kind not in FLOAT_DTYPES and k not in LEGACY_DROPPED:
                 raise CheckpointError(f"{path}: tensor {k} is {str(DTYPES[kind]).removeprefix('torch.')}; "
                                       "model weights must be floating point")
-        state.update(read_tensors(path, header, list(header.tensors), cast))
-    return state
+    return headers
 
 
 def fix_legacy_keys(state: dict, expected: set) -> dict:
@@ -394,23 +404,39 @@ def fix_legacy_keys(state: dict, expected: set) -> dict:
     return out
 
 
-def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") -> nn.Module:
-    """Strictly fill a (meta-device) model with the tensors of `files`."""
-    state = read_weights(files, dtype, device)
-    expected = model.state_dict()
-    state = fix_legacy_keys(state, set(expected))
-    where = files[0] if len(files) == 1 else files[0].parent
+def check_keys(model: nn.Module, shapes: dict[str, tuple], where: Path) -> None:
+    """The names and shapes the files hold are the (meta-device) model's, or a CheckpointError naming them."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = []
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    mismatched = [f"{k}: file {shapes[k]} vs model {v}" for k, v in expected.items() if k in shapes and shapes[k] != v]
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("shape mismatches", mismatched)):
         if keys:
             problems.append(f"{len(keys)} {what}: {some(keys)}")
     if problems:
         raise CheckpointError(f"{where} does not match {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype=None, device="cpu") -> nn.Module:
+    """Strictly fill a (meta-device) model with the tensors of `files`, floating ones cast to dtype, each
+    moved as it is read. The files' headers are compared with the model first: a file that does not fit
+    is refused before any tensor is read."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)  # a bad device fails here with torch's own error, not as a bad file
+
+    headers = read_headers(files)
+    stored = {k: (path, k, shape) for path, header in headers.items() for k, (_, shape, *_) in header.tensors.items()}
+    stored = fix_legacy_keys(stored, set(model.state_dict()))  # model key -> (file, its name there, shape)
+    where = files[0] if len(files) == 1 else files[0].parent
+    check_keys(model, {k: shape for k, (_, _, shape) in stored.items()}, where)
+    state = {}
+    for path, header in headers.items():
+        keys = [k for k, (p, *_) in stored.items() if p == path]
+        state.update(zip(keys, read_tensors(path, header, [stored[k][1] for k in keys], cast).values()))
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 

@@ -27,9 +27,10 @@ The formats met in the wild, all resolved here to (model, module path, down, up,
   are diffusers' paths; it trains SDXL on the original (LDM/sgm) UNet, whose paths
   (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`) ldm_unet_name derives from ours.
 
-Several LoRAs add up, each with its own scale; `pipe.lora_adapters` lists them (name -> (source,
-scale)) and `pipe.lora_originals` holds the saved weights, each with (a weak reference to) the
-model it came from, both kept by fuse / unfuse_all.
+Several LoRAs add up, each with its own scale (at most MAX_LORA_SCALE either way: bounds.py);
+`pipe.lora_adapters` lists them (name -> (source, scale)) and `pipe.lora_originals` holds the
+saved weights, each with (a weak reference to) the model it came from, both kept by fuse /
+unfuse_all.
 
 Every name is resolved against `dict(model.named_modules())`, the model's own truth (its module
 names equal diffusers' and transformers'). A key that resolves to nothing is an error that names
@@ -49,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_METADATA_BYTES, MAX_LORA_TENSORS, is_number, some
+from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_METADATA_BYTES, MAX_LORA_SCALE, MAX_LORA_TENSORS, is_number, some
 from ..core.weights import PICKLE_SUFFIXES, CheckpointError, is_network_error, is_repo_id, read_file
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
@@ -362,6 +363,14 @@ def checked_layer(lora: LoraFile, model_name: str, path: str, weight: torch.Tens
 
 # ----------------------------------------------------------------------------- merging
 
+SCALES = f"a finite number from -{MAX_LORA_SCALE} to {MAX_LORA_SCALE}"  # what scale_ok takes
+
+
+def scale_ok(scale) -> bool:
+    """A LoRA scale the merge takes (core/bounds.py's MAX_LORA_SCALE says why it is bounded)."""
+    return is_number(scale) and abs(scale) <= MAX_LORA_SCALE
+
+
 def lora_models(pipe) -> dict[str, nn.Module]:
     return {name: getattr(pipe, name) for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
             if isinstance(getattr(pipe, name, None), nn.Module)}
@@ -373,8 +382,8 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
     large for the weight's dtype) undoes the layers merged before it. Refused while a model a
     loaded LoRA was merged into has been replaced (pipe.unet = other): unfuse_all first. The
     caller holds the pipeline's call lock."""
-    if not is_number(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r:.40}")
+    if not scale_ok(scale):
+        raise ValueError(f"{lora.name}: scale must be {SCALES}, got {scale!r:.40}")
     scale = float(scale)
     adapters = vars(pipe).setdefault("lora_adapters", {})    # name -> (source, scale), in load order
     originals = vars(pipe).setdefault("lora_originals", {})  # (model, path) -> (model, weight before any LoRA)

@@ -428,9 +428,11 @@ def describe(path) -> str:
     try:
         params = json.loads(text.get("mini_tgate", "{}"))
         for key, value in params.items() if isinstance(params, dict) else ():
-            if key == "tgate":
-                value = (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
-                         else "none (plain sampling)")
+            if key == "tgate" and isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            elif key == "tgate":  # null: plain sampling; anything else is no gate's record
+                value = ("none (plain sampling)" if value is None
+                         else f"{json.dumps(value)[:40]} (invalid: no gate's record)")
             params_lines.append(f"  {key}: {value}")
     except (ValueError, RecursionError):  # not JSON, or nested too deep to be ours: shown as it is below
         params_lines = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.bounds import MAX_LAYERS, is_int, is_number
-from ..core.config import ConfigError, _FromDict
+from ..core.config import ConfigError, Size, _FromDict
 
 
 @dataclass
@@ -77,6 +77,7 @@ class PixArtTransformerConfig(_FromDict):
             value = getattr(self, name)
             if not (is_int(value) and value >= 1):
                 raise ConfigError(f"transformer config {name} must be a positive integer, got {value!r}")
+        self.require("num_layers", high=MAX_LAYERS)
         if self.sample_size < self.patch_size:
             raise ConfigError(f"transformer config sample_size={self.sample_size} is smaller than "
                               f"patch_size={self.patch_size}")
@@ -93,6 +94,13 @@ class PixArtTransformerConfig(_FromDict):
                               "use_additional_conditions (resolution and aspect-ratio embeddings)")
         if not (is_number(self.pos_interpolation) and self.pos_interpolation > 0):
             raise ConfigError(f"transformer config interpolation_scale must be positive, got {self.interpolation_scale!r}")
+        d, p, n = self.inner_dim, self.patch_size, self.num_layers
+        tokens, size = (self.sample_size // p) ** 2, Size()
+        size.add((self.in_channels + (self.out_channels or self.in_channels)) * p * p * d, tokens)  # patches in and out
+        size.add(256 * d + 7 * d * d + ((self.caption_channels or 0) + d) * d)  # timestep, adaLN, caption projection
+        block = 14 * d * d + 2 * d * self.cross_attention_dim  # attention, cross-attention, MLP (x4)
+        size.add(n * block, tokens, layers=n, attention=2 * n * tokens ** 2 * d)
+        self.check_size(size)
 
 
 @dataclass
@@ -134,6 +142,10 @@ class T5Config(_FromDict):
         if self.feed_forward_proj != "gated-gelu":
             raise ConfigError(f"text encoder feed_forward_proj={self.feed_forward_proj!r} is not supported "
                               "(T5 v1.1, PixArt's text encoder, uses 'gated-gelu')")
+        inner = self.num_heads * self.d_kv
+        self.check_size(Size(self.vocab_size * self.d_model + self.num_layers * (4 * self.d_model * inner
+                                                                               + 3 * self.d_model * self.d_ff),
+                             layers=self.num_layers))
         if self.model_type not in ("t5", "mt5"):
             raise ConfigError(f"text encoder model_type={self.model_type!r} is not supported "
                               "(T5 v1.1 encoders: 't5' or 'mt5')")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.bounds import MAX_BLOCKS, MAX_INT, MAX_LAYERS
-from ..core.config import ConfigError, _FromDict
+from ..core.config import ConfigError, Size, _FromDict, check_scaling_factor, unet_size, vae_size
 
 GROUPS = 32  # every group norm of SVD's UNet and VAE has 32 groups (fixed in diffusers' classes)
 
@@ -45,8 +45,8 @@ class TemporalVAEConfig(_FromDict):
         for channels in self.block_out_channels:
             if channels % GROUPS:
                 raise ConfigError(f"vae block_out_channels {channels} is not divisible by the 32 norm groups")
-        if self.scaling_factor == 0:
-            raise ConfigError("vae scaling_factor must not be 0 (latents are divided by it)")
+        check_scaling_factor(self.scaling_factor)
+        self.check_size(vae_size(self, video=True))
 
 
 # ----------------------------------------------------------------------------- the spatio-temporal UNet
@@ -114,6 +114,7 @@ class UNetSpatioTemporalConfig(_FromDict):
                 raise ConfigError(f"unet block_out_channels {channels} is not divisible by the 32 norm groups")
             if i in attention and channels % heads:
                 raise ConfigError(f"unet block {i}: {channels} channels do not split into {heads} attention heads")
+        self.check_size(unet_size(self, video=True))
 
 
 # ----------------------------------------------------------------------------- CLIP vision
@@ -151,3 +152,7 @@ class CLIPVisionConfig(_FromDict):
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"image encoder hidden_size={self.hidden_size} must be divisible by "
                               f"num_attention_heads={self.num_attention_heads}")
+        h, patches = self.hidden_size, (self.image_size // self.patch_size) ** 2
+        self.check_size(Size((self.num_channels * self.patch_size ** 2 + patches + 1 + self.projection_dim) * h
+                             + self.num_hidden_layers * (4 * h * h + 2 * h * self.intermediate_size),
+                             layers=self.num_hidden_layers))
