@@ -35,7 +35,7 @@ def cache_sizes(frames: int = 25, height: int = 576, width: int = 1024, dtype=to
     unet = unet.to(dtype)
     queries = {}  # module -> the number of queries (rows) its forward saw
     hooks = [m.register_forward_pre_hook(lambda m, args: queries.__setitem__(m, args[0].shape[1]))
-             for m in unet.attention_modules()]
+             for m in unet.attention_layers]
     unet.set_gate(StepPlan(CACHE_MEAN, CACHE_MEAN, True))
     with torch.device("meta"), torch.no_grad():
         sample = torch.empty(2, frames, 8, height // 8, width // 8, dtype=dtype)

@@ -224,5 +224,5 @@ def test_the_pipeline_still_works_after_a_failed_call(pipe, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pipe("a cat", **kw)
     monkeypatch.undo()
-    assert all(m.cache is None for m in pipe.unet.attention_modules())
+    assert all(m.cache is None for m in pipe.unet.attention_layers)
     assert np.array_equal(before, pipe("a cat", **kw).images)

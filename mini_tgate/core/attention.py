@@ -19,6 +19,12 @@ per distinct (cross, self, batch) combination, never one per step. Under torch.c
 `self.cache = out` is a side effect that dynamo replays after the graph has run (the tensor is one
 more output of the graph), and REUSE reads the cache as a graph input, guarded on its shape and
 strides but not its identity: a new cache tensor every few steps recompiles nothing.
+
+CUDA graphs (compile(mode="reduce-overhead")) replay into fixed memory, so a cache that is a
+graph's output would be overwritten by the next replay. There the caches are static: buffers
+made before the first step (runtime.make_static_caches), `static` set, written in place (`keep`)
+and read as slices of the batch's rows; their addresses never change, so one graph per step plan
+replays them all.
 """
 
 from __future__ import annotations
@@ -44,12 +50,13 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.gate = COMPUTE
         self.cache: torch.Tensor | None = None
+        self.static = False  # the cache is a static buffer, written in place (CUDA graphs; see keep)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`: None, or an additive bias on the scores that broadcasts to (B, heads, T, S)."""
         if self.gate == REUSE:
-            cache = self.cache
+            cache = rows(self.cache, x.shape[0])
             return cache.expand(-1, x.shape[1], -1) if cache.shape[1] == 1 else cache
         out = self.attend(x, x if context is None else context, mask)
         # One key (SVD's image token): its softmax weight is exactly 1, so every query's row is the
@@ -57,10 +64,11 @@ class Attention(nn.Module):
         # and REUSE hands back a view of it expanded to N rows: no copy, the same bits in the sum.
         kept = out[:, :1] if context is not None and context.shape[1] == 1 and mask is None else out
         if self.gate == CACHE:
-            self.cache = out if kept is out else kept.clone()  # a slice would keep all of `out` alive
+            kept = kept if kept is out or self.static else kept.clone()  # a slice would keep all of `out` alive
+            self.cache = keep(self.cache, kept, self.static)
         elif self.gate == CACHE_MEAN:
             uncond, cond = kept.chunk(2)  # the batch is [unconditional, conditional]
-            self.cache = (uncond + cond) / 2
+            self.cache = keep(self.cache, (uncond + cond) / 2, self.static)
         return out
 
     def attend(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,16 +87,36 @@ class Attention(nn.Module):
         return self.to_out[0](y)
 
 
+def keep(cache: torch.Tensor | None, x: torch.Tensor, static: bool) -> torch.Tensor:
+    """What a module caches: `x` itself, or, when the cache is a static buffer, the buffer with x
+    written into its first rows (a CUDA graph replays reads and writes at the buffer's address)."""
+    if not static:
+        return x
+    cache[:x.shape[0]].copy_(x)
+    return cache
+
+
+def rows(cache: torch.Tensor, n: int) -> torch.Tensor:
+    """A cache's first n rows, this step's batch (a static buffer may have more: CFG's 2B)."""
+    return cache if cache.shape[0] == n else cache[:n]
+
+
+def attention_modules(model: nn.Module) -> list[Attention]:
+    """The attention layers of `model`. A denoiser lists them once, when it is built, as
+    `attention_layers`: set_gate runs every step, and walking a UNet's two thousand modules each
+    time costs milliseconds, longer than a GPU's cheapest steps."""
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
 def set_gate(model: nn.Module, step) -> None:
     """Tell every attention layer of `model` what to do at this step (a tgate.StepPlan): cross-
     attention layers follow `step.cross_attn`, self-attention layers `step.self_attn`."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.gate = step.cross_attn if m.is_cross else step.self_attn
+    for m in model.attention_layers:
+        m.gate = step.cross_attn if m.is_cross else step.self_attn
 
 
 def clear_gate(model: nn.Module) -> None:
-    """Every attention layer of `model` back to plain computation, its cache freed: a generation ends."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.gate, m.cache = COMPUTE, None
+    """Every attention layer of `model` back to plain computation, its cache freed (a static one
+    zeroed, kept for the next call's graphs): a generation ends."""
+    for m in model.attention_layers:
+        m.gate, m.cache = COMPUTE, m.cache.zero_() if m.static else None

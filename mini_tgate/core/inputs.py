@@ -64,6 +64,7 @@ class Call:
     device: torch.device
     dtype: torch.dtype
     bar_config: dict  # the progress bar's tqdm options
+    static_caches: bool  # caches in static buffers (compiled with CUDA graphs; runtime.make_static_caches)
 
 
 def check_call(pipe, conditioning: dict, prompt, negative_prompt, num_inference_steps, guidance_scale, height,
@@ -131,7 +132,7 @@ def check_call(pipe, conditioning: dict, prompt, negative_prompt, num_inference_
     return Call(prompts, negatives, prompt_embeds, negative_prompt_embeds, clip_skip, conditioning, n, batch,
                 height, width, output_size, shape, latents, pixels, generator, output_type, scheduler,
                 guidance_scale, guidance_rescale, eta, tgate, deepcache, callback_on_step_end, callback_inputs,
-                denoiser, vae, offload, device, dtype, bar_config)
+                denoiser, vae, offload, device, dtype, bar_config, pipe.static_caches)
 
 
 def check_image(pipe, image, strength, height, width, latents) -> tuple[torch.Tensor, float]:

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from .inputs import CALLBACK_TENSOR_INPUTS, Call, check_call
-from .runtime import RuntimeMixin, on_device, progress_bar, timed
+from .runtime import RuntimeMixin, make_static_caches, on_device, progress_bar, timed
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .tgate import DeepCache, TGate, plan
 from .vae import AutoencoderKL
-from .weights import CheckpointError, pick_dtype, read_json, resolve, snapshot_commit
+from .weights import CheckpointError, pick_dtype, read_json, read_model_index, resolve, snapshot_commit
 
 
 @dataclass
@@ -79,7 +79,7 @@ class DiffusionPipeline(RuntimeMixin):
         defaults to float32; the VAE stays in float32 when its config says force_upcast."""
         dtype = pick_dtype(dtype, torch_dtype)
         folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
-        index = read_json(folder / "model_index.json")
+        index = read_model_index(folder)
         name = index.get("_class_name")
         if name not in cls.model_index_names:
             raise CheckpointError(f"{source}: a {name} checkpoint, not a {cls.__name__} one; use load_pipeline")
@@ -184,10 +184,9 @@ class DiffusionPipeline(RuntimeMixin):
     def denoise(self, c: Call, state: LoopState, steps: list) -> list[dict]:
         """The denoising loop with this call's progress bar and step callback; the latents end in
         `state`. Returns per step what attention did."""
-        report, bar = [], progress_bar(len(steps), c.bar_config)
+        report, bar, checks = [], progress_bar(len(steps), c.bar_config), FiniteChecks(c, len(steps))
         try:
-            for i, t, entry in denoising_loop(c.denoiser, c.scheduler, state, steps, c.guidance_scale,
-                                              c.guidance_rescale, c.eta, c.generator, self.gated_branch):
+            for i, t, entry in denoising_loop(c, state, steps, checks, self.gated_branch):
                 report.append(entry)
                 if bar is not None:
                     bar.update()
@@ -195,6 +194,7 @@ class DiffusionPipeline(RuntimeMixin):
                     state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs)) or {})
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
                     break
+            checks.raise_first()  # the loop's one wait for the device
         finally:
             c.denoiser.clear_gate()  # no cache outlives the call
             if bar is not None:
@@ -254,46 +254,75 @@ class LoopState:
             self.uncond = {**self.uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
 
 
-def denoising_loop(denoiser, scheduler: Scheduler, state: LoopState, steps: list, guidance_scale,
-                   guidance_rescale: float, eta: float, generator, gated_branch: str = "uncond"):
+def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks, gated_branch: str = "uncond"):
     """The denoising loop, over the scheduler's timesteps from its begin_index: each step's
     attention behaviour, batch and (DeepCache) UNet part come from its plan; with CFG (state.uncond
     given) steps whose plan says so run the doubled batch, the others `gated_branch` alone.
-    guidance_scale: a number, or a tensor that broadcasts over the latents (SVD's per frame).
+    c.guidance_scale: a number, or a tensor that broadcasts over the latents (SVD's per frame).
     Yields after each step (i, t, what attention did); between steps the caller may replace what
-    `state` holds."""
-    extra = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-    dtype = state.latents.dtype
-    for i, (t, step) in enumerate(zip(scheduler.timesteps[scheduler.begin_index:], steps)):
+    `state` holds. Nothing here waits for the device: the timesteps the scheduler and the report
+    read are its Python numbers, and the NaN/inf checks are flags on the device (`checks`)."""
+    denoiser, scheduler, begin = c.denoiser, c.scheduler, c.scheduler.begin_index
+    extra = {"eta": c.eta} if isinstance(scheduler, DDIMScheduler) else {}
+    for i, (t, t_host, step) in enumerate(zip(scheduler.timesteps[begin:], scheduler.schedule[begin:], steps)):
         latents, cond, uncond = state.latents, state.cond, state.uncond
-        denoiser.set_gate(step)
         if step.cfg:  # (2B, C, h, w): [unconditional, conditional]
             x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
         else:  # after the gate, CFG is dropped: one branch alone (the family's gated_branch)
             x, kw = latents, uncond if uncond is not None and gated_branch == "uncond" else cond
-        x = scheduler.scale_model_input(x, t)
+        x = scheduler.scale_model_input(x, t_host)
         if "concat" in kw:  # on the channel axis: (B, C, h, w) or videos (B, F, C, h, w)
             x, kw = torch.cat([x, kw["concat"]], dim=-3), {k: v for k, v in kw.items() if k != "concat"}
+        if i == 0 and c.static_caches:  # CUDA graphs: caches in buffers made before any graph runs
+            make_static_caches(denoiser, steps, x, t, kw)
+        denoiser.set_gate(step)
         noise = denoiser(x, timestep=t, **kw)
         # PixArt predicts the variance too (learned sigma): the noise is the first half
-        noise = noise[:, :latents.shape[1]]
-        if not torch.isfinite(noise).all():
-            raise FloatingPointError(f"the {type(denoiser).__name__}'s noise prediction at step {i} contains NaN or inf: "
-                                     "its weights produce them" + half_hint(dtype))
+        noise = checks.check(i, "noise", noise[:, :latents.shape[1]])
         if step.cfg:
             noise_uncond, noise_text = noise.chunk(2)
-            noise = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-            if guidance_rescale > 0:
-                noise = rescale_noise_cfg(noise, noise_text, guidance_rescale)
-            if not torch.isfinite(noise).all():
-                raise FloatingPointError(f"guidance_scale={guidance_scale} and guidance_rescale="
-                                         f"{guidance_rescale} produced NaN or inf at step {i}")
-        state.latents = scheduler.step(noise, t, latents, generator=generator, **extra).prev_sample
-        if not torch.isfinite(state.latents).all():
-            raise FloatingPointError(f"the {type(scheduler).__name__} step {i} produced NaN or inf"
-                                     + (f" (eta={eta})" if extra else "") + half_hint(dtype))
-        yield i, t, {"step": i, "timestep": float(t), "cross_attn": step.cross_attn, "self_attn": step.self_attn,
-                     "batch": x.shape[0], "deep": step.deep}
+            noise = noise_uncond + c.guidance_scale * (noise_text - noise_uncond)
+            if c.guidance_rescale > 0:
+                noise = rescale_noise_cfg(noise, noise_text, c.guidance_rescale)
+            checks.check(i, "guidance", noise)
+        state.latents = scheduler.step(noise, t_host, latents, generator=c.generator, **extra).prev_sample
+        checks.check(i, "step", state.latents)
+        yield i, t, {"step": i, "timestep": float(t_host), "cross_attn": step.cross_attn,
+                     "self_attn": step.self_attn, "batch": x.shape[0], "deep": step.deep}
+
+
+class FiniteChecks:
+    """The loop's NaN/inf checks without a host synchronisation per step (one would stall the
+    device's queue): each check sets a flag on the device, one per step and stage, read once after
+    the loop; the error names the first step and stage that failed. On the CPU, where reading
+    costs nothing, each check is read at once (`each_step`), so a bad run stops there."""
+
+    STAGES = ("noise", "guidance", "step")
+
+    def __init__(self, c: Call, num_steps: int):
+        self.c, self.each_step = c, c.device.type == "cpu"
+        self.flags = torch.zeros(num_steps, len(self.STAGES), dtype=torch.bool, device=c.device)
+
+    def check(self, i: int, stage: str, x: torch.Tensor) -> torch.Tensor:
+        self.flags[i, self.STAGES.index(stage)] = ~torch.isfinite(x).all()
+        if self.each_step:
+            self.raise_first()
+        return x
+
+    def raise_first(self) -> None:
+        """A FloatingPointError naming the first failed check (reads the flags: a host sync)."""
+        failed = self.flags.nonzero()
+        if len(failed) == 0:
+            return
+        (i, stage), c = failed[0].tolist(), self.c
+        denoiser, scheduler, hint = type(c.denoiser).__name__, type(c.scheduler).__name__, half_hint(c.dtype)
+        raise FloatingPointError((
+            f"the {denoiser}'s noise prediction at step {i} contains NaN or inf: its weights produce them{hint}",
+            f"guidance_scale={c.guidance_scale} and guidance_rescale={c.guidance_rescale} produced NaN or inf "
+            f"at step {i}",
+            f"the {scheduler} step {i} produced NaN or inf" + (f" (eta={c.eta})" if scheduler == "DDIMScheduler"
+                                                                else "") + hint,
+        )[stage])
 
 
 def batch_cat(a: dict, b: dict) -> dict:

@@ -11,6 +11,8 @@ from typing import Self
 
 import torch
 
+from .tgate import CACHE, CACHE_MEAN, COMPUTE, StepPlan
+
 
 @contextmanager
 def on_device(models: list, device):
@@ -45,6 +47,57 @@ def progress_bar(total: int, config: dict):
     return tqdm(total=total, **{"unit": "step", **config})
 
 
+def make_static_caches(denoiser, steps: list, x: torch.Tensor, t, kw: dict) -> None:
+    """CUDA graphs replay into fixed memory, so a cache that a graph returns would be overwritten
+    by the next replay. Compiled with them (compile(mode="reduce-overhead")), every cache the plan
+    `steps` writes is a static buffer made here, before the first step: the denoiser runs once on
+    the meta device (shapes only: no memory, no arithmetic, its compiled code bypassed) with every
+    module caching, given the first step's inputs (the largest batch), and each cache that run
+    made becomes a buffer of its shape on the real device, written in place from then on
+    (attention.keep). The buffers are kept from call to call while the inputs' shapes and what
+    is cached stay the same (the meta run, in Python, takes about a second for SDXL): the graphs
+    recorded with their addresses replay on the next call."""
+    writes = {CACHE, CACHE_MEAN}
+    attention = CACHE if any({s.cross_attn, s.self_attn} & writes for s in steps) else COMPUTE
+    deep = CACHE if any(s.deep == CACHE for s in steps) else COMPUTE
+    key = (attention, deep, steps[0].branch, signature(x), signature(t), signature(kw))
+    if denoiser.__dict__.get("static_key") == key:
+        return
+    denoiser.static_key = key
+    modules = [m for m in denoiser.modules() if hasattr(m, "static") and hasattr(m, "cache")]
+    kept = {m: m.cache if m.static else None for m in modules}
+    for m in modules:
+        m.static, m.cache = False, None
+    if attention == COMPUTE and deep == COMPUTE:
+        return  # nothing to cache: no TGATE, no DeepCache
+    meta = {name: torch.empty_like(v, device="meta") for name, v in
+            (*denoiser.named_parameters(), *denoiser.named_buffers())}
+    denoiser.set_gate(StepPlan(attention, attention, True, steps[0].branch, deep, attention))
+    with torch.compiler.set_stance("force_eager"):
+        torch.func.functional_call(denoiser, meta, (x.to("meta"),), {"timestep": t.to("meta"), **to_meta(kw)})
+    for m, old in kept.items():
+        if m.cache is None:
+            continue
+        fits = old is not None and (old.shape, old.stride(), old.dtype) == (m.cache.shape, m.cache.stride(), m.cache.dtype)
+        m.cache = old if fits else torch.empty_like(m.cache, device=x.device)
+        torch._dynamo.mark_static_address(m.cache)
+        m.static = True
+
+
+def signature(value):
+    """The shapes, dtypes and devices of a (nested dict of) tensor(s)."""
+    if isinstance(value, dict):
+        return tuple((k, signature(v)) for k, v in value.items())
+    return (tuple(value.shape), value.dtype, value.device) if isinstance(value, torch.Tensor) else value
+
+
+def to_meta(value):
+    """A (nested dict of) tensor(s) on the meta device: its shapes, no memory."""
+    if isinstance(value, dict):
+        return {k: to_meta(v) for k, v in value.items()}
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 class RuntimeMixin:
     """A pipeline's parts on their device and dtype, one call at a time. The class using it has
     `denoiser`, `vae` and `text_encoder` (SDXL: `text_encoders()` names both)."""
@@ -55,6 +108,7 @@ class RuntimeMixin:
         # The lock of one generation at a time (see exclusive_call), and the thread holding it.
         self.call_lock, self.call_owner = threading.Lock(), None
         self._interrupt = False  # diffusers' early stop, set by a step callback
+        self.static_caches = False  # caches in static buffers (compile's CUDA-graph modes; make_static_caches)
 
     @property
     def interrupt(self) -> bool:
@@ -127,17 +181,22 @@ class RuntimeMixin:
         decoder. The gate is a Python string per attention module, so a TGATE run compiles one
         graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2) (eight
         with DeepCache(3, 0): full and shallow steps differ), and none again on later calls
-        (tests/test_compile.py counts them).
+        (tests/core/test_compile.py counts them).
 
-        CUDA-graph modes ("reduce-overhead", "max-autotune") are refused: a replay may overwrite
-        the outputs of the previous one, and the attention caches are such outputs."""
-        if mode in ("reduce-overhead", "max-autotune"):
-            raise ValueError(f"mode={mode!r} uses CUDA graphs, which would overwrite the TGATE caches; "
-                             "use None or 'max-autotune-no-cudagraphs'")
+        CUDA-graph modes ("reduce-overhead", "max-autotune") record each denoiser graph once and
+        replay it into the same memory; the caches then live in static buffers (make_static_caches),
+        so the gate and DeepCache work with them too. The VAE decoder, run once a call (or once a
+        slice, whose outputs a replay would overwrite), is compiled without CUDA graphs."""
+        if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"mode must be None, 'default', 'reduce-overhead', 'max-autotune' or "
+                             f"'max-autotune-no-cudagraphs' (torch.compile's modes), got {mode!r}")
         # one graph per (step plan, shape): dynamo's default limit of 8 per function would make a
         # second image size a hard error under fullgraph
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.denoiser.to(memory_format=torch.channels_last)
-        self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
-        self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=mode)
+        with self.exclusive_call():
+            self.static_caches = mode in ("reduce-overhead", "max-autotune")
+            self.denoiser.to(memory_format=torch.channels_last)
+            self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
+            vae_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+            self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=vae_mode)
         return self

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, clear_gate, set_gate
+from .attention import Attention, attention_modules, clear_gate, keep, rows, set_gate
 from .bounds import int_in
 from .config import UNetConfig
 from .tgate import CACHE, COMPUTE, REUSE, StepPlan
@@ -292,8 +292,10 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
-        # DeepCache's state, set per step by set_gate (see forward)
-        self.deep, self.branch, self.deep_feature = COMPUTE, None, None
+        # DeepCache's state, set by set_gate (see forward); cache: the deep feature kept (static: attention.keep)
+        self.deep, self.branch, self.cache, self.static = COMPUTE, None, None, False
+        self.deep_layers: dict[int, list[Attention]] = {}  # per branch, the self-attention layers in the deep part
+        self.attention_layers = attention_modules(self)  # what set_gate sets, found once
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None, timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,7 +320,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         # DeepCache (set_gate) splits the UNet at down block `block`, layer `layer`: the deep part is
         # the down path from there on, the mid block, and the up path back to the same layer of up
         # block `block`, where the feature it hands on is taken. A shallow step (deep == REUSE)
-        # skips the deep part and takes that feature as the last full step kept it.
+        # skips the deep part and takes that feature as the last full step kept it (self.cache).
         block, layer = self.deep_split(self.branch) if self.branch is not None else (None, None)
         shallow = self.deep == REUSE
         h = self.conv_in(sample)
@@ -338,11 +340,11 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
             if level == block:
                 first = len(up.resnets) - 1 - layer  # its layers before `first` are deep
                 if shallow:
-                    h = self.deep_feature
+                    h = rows(self.cache, B)
                 else:
                     h = up(h, skips, emb, encoder_hidden_states, None, stop=first)
                     if self.deep == CACHE:
-                        self.deep_feature = h
+                        self.cache = keep(self.cache, h, self.static)
             n_skips = len(up.resnets) - first
             block_skips, skips = skips[-n_skips:], skips[:-n_skips]
             size = skips[-1].shape[2:] if skips else None  # upsample to the next skip's size
@@ -350,9 +352,6 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     # ----------------------------------------------------------------------------- TGATE, DeepCache
-
-    def attention_modules(self):
-        return [m for m in self.modules() if isinstance(m, Attention)]
 
     def deep_split(self, branch: int) -> tuple[int, int]:
         """DeepCache's branch as (block, layer): the deep part begins at layer `layer` of down block
@@ -365,8 +364,8 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         block = branch // 3
         return block, min(branch % 3, len(self.down_blocks[block].resnets))
 
-    def deep_attention_modules(self, branch: int) -> list[Attention]:
-        """The attention modules in the deep part for this branch: all but the shallow branch's."""
+    def deep_self_attention(self, branch: int) -> list[Attention]:
+        """The self-attention layers in the deep part for this branch: all but the shallow branch's."""
         block, layer = self.deep_split(branch)
         up = self.up_blocks[len(self.up_blocks) - 1 - block]
         shallow = [*self.down_blocks[:block], *self.up_blocks[len(self.up_blocks) - block:]]
@@ -374,7 +373,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
                             (up, slice(len(up.resnets) - 1 - layer, None))):
             shallow += blk.attentions[layers] if blk.attentions is not None else []
         shallow_ids = {id(m) for part in shallow for m in part.modules()}
-        return [m for m in self.attention_modules() if id(m) not in shallow_ids]
+        return [m for m in self.attention_layers if id(m) not in shallow_ids and not m.is_cross]
 
     def set_gate(self, step: StepPlan) -> None:
         """Tell every attention layer what to do at this step (tgate.plan gives the steps), and,
@@ -382,11 +381,13 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
         self.deep, self.branch = step.deep, step.branch
         set_gate(self, step)  # attention.set_gate: cross- and self-attention layers as the plan says
         if step.branch is not None and step.deep_self_attn != step.self_attn:
-            for m in self.deep_attention_modules(step.branch):
-                if not m.is_cross:
-                    m.gate = step.deep_self_attn
+            if step.branch not in self.deep_layers:  # found once per branch: set_gate runs every step
+                self.deep_layers[step.branch] = self.deep_self_attention(step.branch)
+            for m in self.deep_layers[step.branch]:
+                m.gate = step.deep_self_attn
 
     def clear_gate(self) -> None:
         """Back to plain computation, caches freed: called when a generation ends."""
-        self.deep, self.branch, self.deep_feature = COMPUTE, None, None
+        self.deep, self.branch = COMPUTE, None
+        self.cache = self.cache.zero_() if self.static else None
         clear_gate(self)  # attention.clear_gate: every attention layer computes, its cache freed

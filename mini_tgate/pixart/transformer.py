@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import Attention, clear_gate, set_gate
+from ..core.attention import Attention, attention_modules, clear_gate, set_gate
 from ..core.unet import FeedForward, TimestepEmbedding, timestep_embedding
 from ..core.weights import PretrainedMixin
 from .config import PixArtTransformerConfig
@@ -172,6 +172,7 @@ class PixArtTransformer2DModel(PretrainedMixin, nn.Module):
         self.proj_out = nn.Linear(dim, cfg.patch_size ** 2 * self.out_channels)
         self.adaln_single = AdaLayerNormSingle(dim, cfg.additional_conditions)
         self.caption_projection = CaptionProjection(cfg.caption_channels, dim) if cfg.caption_channels else None
+        self.attention_layers = attention_modules(self)  # what set_gate sets, found once
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep,
                 added_cond_kwargs: dict | None = None,

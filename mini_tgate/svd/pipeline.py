@@ -183,7 +183,8 @@ def check_video_call(pipe: StableVideoDiffusionPipeline, image, height, width, n
                 output_size=None, shape=shape, latents=latents, pixels=None, generator=generator,
                 output_type=output_type, scheduler=scheduler, guidance_scale=guidance, guidance_rescale=0.0, eta=0.0,
                 tgate=tgate, deepcache=deepcache, callback=callback_on_step_end, callback_inputs=callback_inputs,
-                denoiser=unet, vae=vae, offload=offload, device=device, dtype=dtype, bar_config=bar_config)
+                denoiser=unet, vae=vae, offload=offload, device=device, dtype=dtype, bar_config=bar_config,
+                static_caches=pipe.static_caches)
 
 
 def fit(image, pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import Attention, clear_gate, set_gate
+from ..core.attention import attention_modules, clear_gate, set_gate
 from ..core.tgate import StepPlan
 from ..core.unet import (BasicTransformerBlock, Downsample2D, FeedForward, ResnetBlock2D, TimestepEmbedding,
                          Upsample2D, timestep_embedding)
@@ -233,6 +233,7 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
                                           upsample=i < n - 1))
         self.conv_norm_out = nn.GroupNorm(GROUPS, ch[0], eps=1e-5)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.attention_layers = attention_modules(self)  # what set_gate sets, found once
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_time_ids: torch.Tensor) -> torch.Tensor:
@@ -266,9 +267,6 @@ class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
         return out.reshape(B, frames, *out.shape[1:])
 
     # ----------------------------------------------------------------------------- TGATE
-
-    def attention_modules(self) -> list[Attention]:
-        return [m for m in self.modules() if isinstance(m, Attention)]
 
     def set_gate(self, step: StepPlan) -> None:
         """Tell every attention layer what to do at this step (tgate.plan gives the steps)."""

@@ -23,6 +23,7 @@ from test_unet import TINY, unet_inputs
 from torch._dynamo.utils import counters
 
 from mini_tgate.core.config import UNetConfig, VAEConfig
+from mini_tgate.core.runtime import make_static_caches
 from mini_tgate.core.schedulers import EulerDiscreteScheduler
 from mini_tgate.core.tgate import DeepCache, TGate, plan
 from mini_tgate.core.unet import UNet2DConditionModel
@@ -66,7 +67,7 @@ def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def denoise(unet, steps, inputs, eager=None) -> float:
+def denoise(unet, steps, inputs, eager=None, static=False) -> float:
     """The pipeline's denoising loop (pipeline.py) around `unet`: Euler steps, so float32 0-d
     timestep tensors; CFG's doubled batch [unconditional, conditional] while the plan says so,
     the unconditional branch alone after the gate; the UNet's output fed back into the latents.
@@ -80,6 +81,8 @@ def denoise(unet, steps, inputs, eager=None) -> float:
     for t, step in zip(scheduler.timesteps, steps):
         x, context, kw = (torch.cat([latents, latents]), context2, kw2) if step.cfg else (latents, context2[:1], kw1)
         x = scheduler.scale_model_input(x, t)
+        if static and step is steps[0]:  # as the pipeline does under CUDA graphs
+            make_static_caches(unet, steps, x, t, {"encoder_hidden_states": context, **kw})
         unet.set_gate(step)
         noise = unet(x, t, context, **kw)
         if eager is not None:
@@ -148,6 +151,29 @@ def test_deepcache_tgate_run_compiles_one_graph_per_distinct_step():
         denoise(unet, steps, inputs)  # the same generation again: nothing to compile
         denoise(unet, plan(TGate(10, 5, 1, 2), 16, cfg=True, deepcache=DeepCache(3, 0)), inputs)
         assert graphs() == 8
+    assert err <= TOL, err
+
+
+def test_static_caches_compile_one_graph_per_distinct_step():
+    """The caches CUDA graphs need (compile(mode="reduce-overhead")): static buffers written in
+    place. Through AOTAutograd (which turns those writes into the graph's input mutations, as
+    inductor sees them): the same 8 graphs for TGATE + DeepCache, none on a rerun, the buffers at
+    the same addresses throughout, and the eager UNet's numbers."""
+    eager = small_unet("sd1")
+    unet = copy.deepcopy(eager).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    counters.clear()
+    unet.compile(fullgraph=True, dynamic=False, backend="aot_eager")
+    inputs = unet_inputs("sd1", 2, torch.Generator().manual_seed(1))
+    steps = plan(TGate(10, 5, 1, 2), 25, cfg=True, deepcache=DeepCache(3, 0))
+    with torch.inference_mode():
+        err = denoise(unet, steps, inputs, eager, static=True)
+        assert graphs() == 8
+        buffers = [(m, m.cache.data_ptr()) for m in unet.modules() if getattr(m, "static", False)]
+        assert len(buffers) == len(unet.attention_layers) + 1  # and the deep feature's
+        denoise(unet, steps, inputs, static=True)  # the same generation again: nothing to compile
+        assert graphs() == 8
+        assert all(m.static and m.cache.data_ptr() == ptr for m, ptr in buffers)
     assert err <= TOL, err
 
 

@@ -186,8 +186,8 @@ def test_no_state_survives_a_call(pipes):
     assert np.array_equal(ours(PROMPT, deepcache=dc, tgate=gate, **kw).images, first)
     assert max_diff(other, plain) > 0
     unet = ours.unet
-    assert unet.deep_feature is None and unet.deep == COMPUTE and unet.branch is None
-    assert all(m.cache is None and m.gate == COMPUTE for m in unet.attention_modules())
+    assert unet.cache is None and unet.deep == COMPUTE and unet.branch is None
+    assert all(m.cache is None and m.gate == COMPUTE for m in unet.attention_layers)
 
 
 def test_bad_deepcache_arguments(pipes):

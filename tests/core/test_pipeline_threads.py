@@ -96,7 +96,7 @@ def test_a_call_from_inside_a_call_is_refused(pipe):
 
     with pytest.raises(RuntimeError, match="called from inside one of its own calls"):
         pipe(**job(1), callback_on_step_end=reenter)
-    assert all(m.cache is None for m in pipe.unet.attention_modules())
+    assert all(m.cache is None for m in pipe.unet.attention_layers)
     assert torch.equal(pipe(**job(1)).images, expected)  # nothing left behind
 
 

@@ -74,7 +74,7 @@ def test_gated_unet_steps_match_tgate_package(name, params, tmp_path):
             got = unet(x, t, context, **kw)
             assert (got - expected).abs().max() / expected.abs().max() <= 1e-4, (i, step)
     unet.clear_gate()
-    assert all(m.cache is None and m.gate == COMPUTE for m in unet.attention_modules())
+    assert all(m.cache is None and m.gate == COMPUTE for m in unet.attention_layers)
 
 
 def test_attention_gate_states():
@@ -101,7 +101,7 @@ def test_gate_touches_only_attention_modules():
     after = {name: dict(vars(m)) for name, m in unet.named_modules() if not isinstance(m, Attention)}
     assert before.keys() == after.keys()
     assert all(before[k].keys() == after[k].keys() for k in before)
-    gates = {(m.is_cross, m.gate) for m in unet.attention_modules()}
+    gates = {(m.is_cross, m.gate) for m in unet.attention_layers}
     assert gates == {(True, REUSE), (False, CACHE)}
 
 

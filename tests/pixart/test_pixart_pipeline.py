@@ -198,3 +198,23 @@ def test_save_pipeline_reads_back_in_diffusers(checkpoints, ours, tmp_path):
     expected = reference("sigma", checkpoints["sigma"][1], **kw)
     np.testing.assert_allclose(ref(**kw, output_type="np", clean_caption=False).images, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(load_pipeline(tmp_path / "saved")(**kw).images, expected, atol=1e-3, rtol=0)
+
+
+def test_static_caches_match_tgate(checkpoints, ours):
+    """The caches CUDA graphs need (compile(mode="reduce-overhead") sets `static_caches`): buffers
+    written in place; tgate's image, and the usual caches' bit for bit, call after call."""
+    name, size, _, guidance, tgate = CASES[4]
+    kw = dict(prompt=PROMPTS, negative_prompt=["", "blurry"], num_inference_steps=6, guidance_scale=guidance,
+              height=size[0], width=size[1], num_images_per_prompt=2, use_resolution_binning=False,
+              latents=noise(4, *size))
+    expected = reference(name, checkpoints[name][1], tgate, **kw)
+    pipe = ours[name]
+    usual = pipe(**kw, tgate=tgate).images
+    pipe.static_caches = True
+    try:
+        static = [pipe(**kw, tgate=tgate).images for _ in range(2)]
+        assert all(m.static for m in pipe.transformer.attention_layers)
+    finally:
+        pipe.static_caches = False
+    np.testing.assert_allclose(static[0], expected, atol=1e-3, rtol=0)
+    assert np.array_equal(static[0], usual) and np.array_equal(static[1], usual)

@@ -133,7 +133,7 @@ def test_no_state_leaks_between_calls(pipes):
     kw = dict(num_inference_steps=10, latents=noise(), tgate=gate, guidance_scale=7.5)
     first = ours(PROMPT, **kw).images
     ours(["a green square", "a yellow star"], num_inference_steps=7, latents=noise(2, 1), tgate=mini_tgate.TGate(3, 2, 1, 0))
-    assert all(m.cache is None for m in ours.unet.attention_modules())
+    assert all(m.cache is None for m in ours.unet.attention_layers)
     again = ours(PROMPT, **kw).images
     fresh = load_pipeline(folder)
     fresh.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)

@@ -248,3 +248,20 @@ def test_bfloat16_matches_diffusers(folder, dtype):
             got = got.frames
         bound = 4e-3 if dtype == torch.float16 and output_type == "np" else 0.0
         assert error(got, expected) <= bound, error(got, expected)
+
+
+def test_static_caches_match_tgate(ours, ref):
+    """The caches CUDA graphs need (compile(mode="reduce-overhead") sets `static_caches`): buffers
+    written in place, the one-token cross-attention's one row included; tgate's frames, and the
+    usual caches' bit for bit."""
+    gate, image = TGate(5, 2, 2, 0), Image.fromarray(picture(seed=1))
+    usual, expected = both(ours, ref, image, gate, num_inference_steps=7)
+    ours.static_caches = True
+    try:
+        got = ours(image, generator=gen(), tgate=gate, **{**RUN, "num_inference_steps": 7})
+        layers = ours.unet.attention_layers
+        assert all(m.static for m in layers) and any(m.cache.shape[1] == 1 for m in layers)
+    finally:
+        ours.static_caches = False
+    assert error(got.frames, expected) <= TOL, error(got.frames, expected)
+    assert np.array_equal(got.frames, usual.frames)

@@ -122,9 +122,9 @@ def test_gated_steps_match_tgate_package(pair, params):
             got = ours(sample, t, embeds, ids)
             assert relative_error(got, expected) <= RTOL, (i, step)
             if step.cross_attn == REUSE:  # nothing was computed: each output is the cached tensor
-                assert all(m.cache is not None for m in ours.attention_modules() if m.is_cross)
+                assert all(m.cache is not None for m in ours.attention_layers if m.is_cross)
     ours.clear_gate()
-    assert all(m.cache is None and m.gate == COMPUTE for m in ours.attention_modules())
+    assert all(m.cache is None and m.gate == COMPUTE for m in ours.attention_layers)
 
 
 def test_svd_xt_layout_and_gate_on_meta():

@@ -173,7 +173,7 @@ class Scheduler:
         self._require(prediction_type=PREDICTION_TYPES)
         check_config_values(type(self).__name__, self.config)
         self.alphas_cumprod = torch.cumprod(1.0 - betas_for(self.config), dim=0)  # abar_t, float32
-        self.timesteps, self.num_inference_steps, self._schedule, self.begin_index = None, None, [], 0
+        self.timesteps, self.num_inference_steps, self.schedule, self.begin_index = None, None, [], 0
 
     @classmethod
     def from_config(cls, config: dict, **overrides):
@@ -230,7 +230,7 @@ class Scheduler:
 
     def _set(self, timesteps: torch.Tensor, device, num_inference_steps: int):
         self.timesteps, self.num_inference_steps = timesteps.to(device), num_inference_steps
-        self._schedule = timesteps.tolist()
+        self.schedule = timesteps.tolist()
         self.begin_index = 0
 
     def set_begin_index(self, begin_index: int) -> None:
@@ -248,7 +248,7 @@ class Scheduler:
     def index_of(self, timestep) -> int:
         """The step index: where `timestep` stands in `.timesteps` (its first occurrence)."""
         try:
-            return self._schedule.index(float(timestep))
+            return self.schedule.index(float(timestep))
         except ValueError:
             raise ValueError(f"timestep {float(timestep)} is not in .timesteps; call set_timesteps first") from None
 

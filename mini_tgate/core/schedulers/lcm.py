@@ -58,8 +58,8 @@ class LCMScheduler(Scheduler):
 
     def step(self, model_output, timestep, sample, generator=None) -> StepOutput:
         i = self.index_of(timestep)
-        last = i == len(self._schedule) - 1
-        t, t_next = int(timestep), self._schedule[i if last else i + 1]
+        last = i == len(self.schedule) - 1
+        t, t_next = int(timestep), self.schedule[i if last else i + 1]
         abar_t, abar_next = self.alphas_cumprod[t], self.alphas_cumprod[t_next]
         kt = torch.tensor(t, dtype=torch.float32) * self.config.timestep_scaling  # float32, as diffusers
         c_skip = 0.5**2 / (kt**2 + 0.5**2)
