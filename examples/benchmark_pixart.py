@@ -141,7 +141,7 @@ def main():
             for k, v in rows.items():
                 base = rows.get(k.removesuffix(" + TGATE").removesuffix(" + tgate"))
                 print(f"| {k} | {v:.3f} | {base / v:.2f}x |" if base is not v else f"| {k} | {v:.3f} | |")
-    print(f"\nMAC-predicted TGATE speed-up at 1024 px, 25 steps, gate (15, 3, 1, 2): 107.031T / 73.971T = 1.45x")
+    print("\nMAC-predicted TGATE speed-up at 1024 px, 25 steps, gate (15, 3, 1, 2): 107.031T / 73.971T = 1.45x")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ and, as the default model, weights/tiny-shapes of this checkout: a 64x64 text-to
 trained from scratch on coloured shapes by examples/train_tiny.py (see weights/README.md). It
 knows 8 colours (red, green, blue, yellow, cyan, magenta, white, black) and 3 shapes (circle,
 square, triangle), in prompts like "a COLOUR SHAPE on a COLOUR background".
+
+Each run draws a random seed (printed; --seed N for a fixed one) and writes the next free
+number of out/: out/00000.png the first time, out/00001.png the second, ...; no file is
+replaced (--out NAME.png names one, refused if it exists unless --overwrite).
 """
 
 import argparse

@@ -41,8 +41,8 @@ def test_hub_id_not_in_the_cache_when_offline(tmp_path, monkeypatch):
 
 
 def test_unsupported_pipeline_class(ckpt):
-    edit_json(ckpt / "model_index.json", _class_name="StableDiffusionImg2ImgPipeline")
-    with pytest.raises(CheckpointError, match="StableDiffusionImg2ImgPipeline.*not supported"):
+    edit_json(ckpt / "model_index.json", _class_name="StableDiffusionInpaintPipeline")
+    with pytest.raises(CheckpointError, match="StableDiffusionInpaintPipeline.*not supported"):
         load_pipeline(ckpt)
 
 

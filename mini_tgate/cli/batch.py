@@ -24,15 +24,16 @@ from ..formats.hub import model_hash
 from ..macs import count_macs
 from . import jobs
 from .errors import ERRORS, one_line
-from .loras import loras_from, tag_loras, untagged
-from .options import (add_generate_options, call_options, check_options, check_text, check_writable, gate_from,
-                      image_option, load_from_options, pick_device, pick_dtype, with_image)
+from .loras import lora_hashes, loras_from, tag_loras, untagged
+from .options import (add_generate_options, call_options, check_options, check_text, check_writable, emphasis_name,
+                      gate_from, image_option, load_from_options, note_literal_emphasis, pick_device, pick_dtype,
+                      with_image)
 
 
 # generate's options that do not decide an image's pixels (or are recorded another way), left out
 # of the options a batch folder's records carry and a rerun must repeat
 NOT_PIXELS = {"command", "run", "prompts", "out", "overwrite", "compare", "compare_tgate", "device", "no_tgate",
-              "gate_step", "sp_interval", "fi_interval", "warm_up"}
+              "gate_step", "sp_interval", "fi_interval", "warm_up", "emphasis"}  # emphasis: recorded_options
 
 
 def add_batch_options(p) -> None:
@@ -175,6 +176,9 @@ def recorded_options(args, inputs: Inputs) -> dict:
     if args.lora_dir:  # the tags are in the prompts, which each record holds; the folder they name, wherever called from
         options.update(lora_dir=str(Path(args.lora_dir).resolve()))
     options.update(model=str(model), device=inputs.device.type, threads=inputs.threads)
+    texts = [text for line in inputs.lines for text in (line.prompt, line.negative or "")] + [inputs.negative or ""]
+    if any(ch in text for text in texts for ch in "(["):  # emphasis changes only the pixels of such prompts
+        options["emphasis"] = args.emphasis is not False  # the default is on
     return options
 
 
@@ -188,6 +192,9 @@ def make_images(args, inputs: Inputs, job: jobs.Job, pending: list[int], rank: i
     pipe = load_from_options(args, inputs.device, inputs.dtype, inputs.tagged)
     call = with_image(call_options(args, pipe), inputs.init_image)  # lines with their own image replace it
     png_params = png_parameters(args, pipe, call, inputs, rank, world)
+    if rank == 0:
+        note_literal_emphasis(pipe, call, [text for line in inputs.lines for text in (line.prompt, line.negative)]
+                              + [inputs.negative])
 
     @functools.cache
     def macs(gate, height, width, steps):
@@ -211,8 +218,10 @@ def png_parameters(args, pipe, call: dict, inputs: Inputs, rank: int, world: int
     sampler, schedule_type = a1111_names(pipe.scheduler)
     deepcache = {"deepcache": call["deepcache"]} if "deepcache" in call else {}  # both folders run it
     loras = [{"lora": path, "scale": scale} for path, scale in loras_from(args) + inputs.tagged]
+    hashes = jobs.broadcast(lora_hashes(args, inputs.tagged) if rank == 0 and loras else None, world)
     return dict(steps=args.steps, guidance_scale=call["guidance_scale"], sampler=sampler,
                 scheduler=type(pipe.scheduler).__name__, schedule_type=schedule_type, model=info["name"],
                 model_hash=hash_, model_revision=info.get("revision"), dtype=inputs.dtype, **deepcache,
-                **({"loras": loras} if loras else {}),
+                rng="CPU", emphasis=emphasis_name(call),  # each image's noise: its own CPU generator
+                **({"loras": loras, "lora_hashes": hashes} if loras else {}),
                 **({"image": Path(args.image).name} if args.image else {}))  # the name, never a path

@@ -7,25 +7,30 @@ comes out the same when made alone with `--seed <its seed> --num-images 1` (exac
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm  # comes with huggingface-hub
 
-from ..core.bounds import CLI_MAX_IMAGES, CLI_NOTE_PIXELS, SEED_RANGE, int_in
+from ..core.bounds import CLI_MAX_IMAGES, CLI_NOTE_PIXELS, COMPARE_TIMED_RUNS, SEED_RANGE, int_in
 from ..core.schedulers import a1111_names
 from ..core.tgate import TGate
 from ..formats.hub import model_hash
-from ..formats.png import format_parameters, image_grid, save_png, side_by_side, to_uint8
+from ..formats.png import format_parameters, image_grid, save_png, to_uint8
 from ..macs import count_macs
 from ..svd.pipeline import StableVideoDiffusionPipeline
-from .loras import loras_from, tag_loras, untagged
-from .options import (call_options, check_options, check_text, check_writable, deepcache_from, gate_from,
-                      image_option, load_from_options, next_number, pick_device, pick_dtype, random_seed, si,
-                      with_image)
+from .compare import NO_PILLOW, compared, has_pillow, speedup
+from .loras import lora_hashes, loras_from, tag_loras, untagged
+from .options import (call_options, check_options, check_text, check_writable, deepcache_from, emphasis_name,
+                      gate_from, image_option, load_from_options, next_number, note_literal_emphasis, pick_device,
+                      pick_dtype, random_seed, si, with_image)
 from .video import video_command, video_run
 
 
@@ -38,6 +43,8 @@ def generate_command(args) -> None:
         return video_command(args, start)
     # 1. Check every option, before the model loads
     inputs = check_generate(args)
+    if args.compare and not has_pillow():
+        print(NO_PILLOW, file=sys.stderr)
     # 2. The seed
     seed = random_seed() if args.seed == -1 else args.seed  # A1111's -1: random
     n = inputs.n_images
@@ -50,24 +57,29 @@ def generate_command(args) -> None:
     load_time = time.perf_counter() - start
     print(f"loaded {args.model} ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) on {inputs.device} "
           f"in {str(inputs.dtype).removeprefix('torch.')}: {load_time:.1f} s")
-    # 4. Make and save the images, batch by batch
+    # 4. Make and save the images, batch by batch, under one progress bar
     images, timed = plan_images(args, pipe, inputs, seed), None
     note_size(pipe, images.call, args.batch_size)
-    for first in range(0, n, args.batch_size):
-        batch = range(first, min(first + args.batch_size, n))
-        out, pictures, timed = make_batch(images, inputs.gate, batch, args.compare, timed)
-        for i, image in zip(batch, pictures):
-            inputs.output.save(i, image, images.parameters(i, batch, image))
+    note_literal_emphasis(pipe, images.call, images.prompts + (images.negatives or []))
+    images = dataclasses.replace(images, bar=run_bar(pipe, images.call, n, args.batch_size, args.compare))
+    try:
+        for first in range(0, n, args.batch_size):
+            batch = range(first, min(first + args.batch_size, n))
+            out, pictures, timed = make_batch(images, inputs.gate, batch, args.compare, timed)
+            for i, image in zip(batch, pictures):
+                inputs.output.save(i, image, images.parameters(i, batch, image))
+    finally:
+        images.bar.close()
     inputs.output.save_grid()
-    # 5. Report the times and the MACs
+    # 5. Report the times (the whole run's) and the MACs
     steps = len(out.steps)  # the steps run: img2img runs the last int(--steps * strength)
     if timed is not None:
-        plain, out = timed
-        print(f"no gate: {phases(plain, steps)}")
-        print(f"TGATE:   {phases(out, steps)} "
-              f"({plain.timings['denoise'] / out.timings['denoise']:.2f}x the denoising speed; "
-              f"timed on a second run of the first batch, after a warm-up run of both)")
-    print(f"done in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, last batch: {phases(out, steps)}")
+        print_compare(timed, steps)
+    t = images.totals
+    print(f"done: {n} image{'s' * (n > 1)} in {time.perf_counter() - start:.1f} s: load {load_time:.2f} s, then "
+          f"{t['calls']} pipeline call{'s' * (t['calls'] > 1)}" + (" (--compare's included)" if args.compare else "")
+          + f": text {t['text']:.2f} s, denoise {t['denoise']:.2f} s ({t['image_steps'] / t['denoise']:.1f} "
+          f"image-steps/s), decode {t['decode']:.2f} s")
     print_macs(pipe, images.call, inputs.gate, deepcache_from(args), steps)
 
 
@@ -124,14 +136,22 @@ class Images:
     shared: dict               # the PNG parameters of every image: steps ... loras
     dtype: torch.dtype
     extra: dict                # and after the image's own: deepcache, img2img's image and strength, layout
+    bar: object                # the run's one progress bar, over every image's steps (run_bar; tqdm)
+    totals: collections.Counter  # the run's pipeline calls: their count, phases' seconds, image-steps
 
     def make(self, tgate: TGate | None, batch: range):
         """Images `batch` (a range of indices). The PNGs keep the LoRA tags; the text encoder reads
-        the text without them (A1111)."""
-        return self.pipe([untagged(self.prompts[i]) for i in batch],
-                         negative_prompt=None if self.negatives is None else [self.negatives[i] for i in batch],
-                         **self.call, generator=[torch.Generator(device="cpu").manual_seed(self.seed + i) for i in batch],
-                         tgate=tgate, progress=True)
+        the text without them (A1111). The run's bar moves on a step of every image of the batch."""
+        def step_done(pipe, i, t, tensors):
+            self.bar.update(len(batch))
+
+        out = self.pipe([untagged(self.prompts[i]) for i in batch],
+                        negative_prompt=None if self.negatives is None else [self.negatives[i] for i in batch],
+                        **self.call, generator=[torch.Generator(device="cpu").manual_seed(self.seed + i) for i in batch],
+                        tgate=tgate, progress=False, callback_on_step_end=step_done)
+        self.totals.update(out.timings)
+        self.totals.update(calls=1, image_steps=len(out.steps) * len(batch))
+        return out
 
     def parameters(self, i: int, batch: range, image) -> dict:
         """What image i's PNG records (format_parameters)."""
@@ -153,9 +173,11 @@ def plan_images(args, pipe, inputs: Inputs, seed: int) -> Images:
         call["strength"] = args.strength
     shared = dict(steps=args.steps, guidance_scale=call["guidance_scale"], scheduler=type(pipe.scheduler).__name__,
                   sampler=sampler, schedule_type=schedule_type, tgate=inputs.gate, model=info["name"],
-                  model_hash=model_hash(info["folder"], args.variant), model_revision=info.get("revision"))
+                  model_hash=model_hash(info["folder"], args.variant), model_revision=info.get("revision"),
+                  rng="CPU", emphasis=emphasis_name(call))  # each image's noise: its own CPU generator
     if loras := loras_from(args) + inputs.tagged:  # kept in the PNG's JSON
         shared["loras"] = [{"lora": path, "scale": scale} for path, scale in loras]
+        shared["lora_hashes"] = lora_hashes(args, inputs.tagged)
     extra = {"deepcache": call["deepcache"]} if "deepcache" in call else {}
     if inputs.init_image is not None:  # the file's name only, never a local path
         extra.update(image=Path(args.image).name, strength=args.strength or pipe.default_strength)
@@ -165,21 +187,32 @@ def plan_images(args, pipe, inputs: Inputs, seed: int) -> Images:
     prompts = [args.prompt[i // per_prompt] for i in range(n)]
     negatives = None if not args.negative else [args.negative[min(i // per_prompt, len(args.negative) - 1)]
                                                 for i in range(n)]
-    return Images(pipe, prompts, negatives, seed, call, shared, inputs.dtype, extra)
+    return Images(pipe, prompts, negatives, seed, call, shared, inputs.dtype, extra, None, collections.Counter())
+
+
+def run_bar(pipe, call: dict, n: int, batch_size: int, compare: bool):
+    """The run's one progress bar (tqdm, on stderr), over the steps of every image it denoises:
+    n images x the steps each runs (img2img: the last int(steps * strength)); with --compare each
+    image twice, and the first batch's timed runs too."""
+    steps = call["num_inference_steps"]
+    if "image" in call:  # diffusers' rule, as the pipeline applies it
+        steps = min(int(steps * call.get("strength", pipe.default_strength)), steps)
+    images = n if not compare else 2 * n + 2 * COMPARE_TIMED_RUNS * min(batch_size, n)
+    return tqdm(total=images * steps, unit="step", desc=f"{images} image{'s' * (images > 1)} x {steps} steps")
 
 
 def make_batch(images: Images, gate: TGate | None, batch: range, compare: bool, timed):
-    """One batch: (the pipeline's output, the images to save, the timed pair). With --compare
-    each image is [no gate | TGATE | difference], and the first batch is made twice: the first
-    pair warmed both paths up (caches, kernels), the second (`timed`) is timed."""
+    """One batch: (the pipeline's output, the images to save, the timed runs). With --compare
+    each image is [no gate | TGATE | difference], labelled (compare.py), and the first batch is
+    made again COMPARE_TIMED_RUNS times a path, in turn, after its first pair warmed both paths up
+    (caches, kernels): `timed`, [(no gate, TGATE), ...]."""
     if not compare:
         out = images.make(gate, batch)
         return out, list(out.images), timed
     plain, out = images.make(None, batch), images.make(gate, batch)
-    pictures = [side_by_side(a, b) for a, b in zip(plain.images, out.images)]  # [no gate | TGATE | |diff|]
+    pictures = [compared(a, b) for a, b in zip(plain.images, out.images)]
     if timed is None:
-        timed = images.make(None, batch), images.make(gate, batch)
-        out = timed[1]
+        timed = [(images.make(None, batch), images.make(gate, batch)) for _ in range(COMPARE_TIMED_RUNS)]
     return out, pictures, timed
 
 
@@ -204,6 +237,18 @@ def note_size(pipe, call: dict, batch_size: int) -> None:
           f"was trained at: a step is {si(macs)} MACs, {macs / trained:,.0f}x one at {side}x{side} (about as many "
           f"times as long), and one full-size VAE activation takes {vae / 2**30:.2f} GiB (Ctrl-C stops the run)",
           file=sys.stderr, flush=True)
+
+
+def print_compare(timed: list, steps: int) -> None:
+    """--compare's report: each path's best timed run, phase by phase, and the speed-up plainly;
+    a warning when the timed runs were too noisy to trust it (compare.speedup)."""
+    best = [min((pair[k] for pair in timed), key=lambda out: out.timings["denoise"]) for k in (0, 1)]
+    print(f"no gate: {phases(best[0], steps)}")
+    print(f"TGATE:   {phases(best[1], steps)}")
+    line, noisy = speedup([p.timings["denoise"] for p, _ in timed], [g.timings["denoise"] for _, g in timed])
+    print(line)
+    if noisy:
+        warnings.warn(noisy)
 
 
 def phases(out, steps: int) -> str:
@@ -250,7 +295,7 @@ class Output:
             path, self.number = save_numbered(self.folder, image, format_parameters(params), self.number)
         else:  # checked above; a file created since is still not replaced
             save_png(path := self.files[i], image, format_parameters(params), overwrite=self.overwrite)
-        print(f"saved {path}")
+        tqdm.write(f"saved {path}")  # above the progress bar, which is redrawn below it
         if self.grid_file is not None:
             self.grid.append(to_uint8(image))
             self.grid_params = self.grid_params or params  # the first image's, with the grid's own size

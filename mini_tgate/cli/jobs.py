@@ -615,7 +615,7 @@ def make_batch(job: Job, pipe, batch: list[Image], call_options: dict, png_param
     call, digests = batch_call(batch, call_options)
     made = {}
     for name, (folder, gate) in job.folders.items():
-        out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call,
+        out = pipe(prompts, negative_prompt=negatives, tgate=gate, **call, progress=False,  # the job's bar: Progress
                    generator=[torch.Generator(device="cpu").manual_seed(image.seed) for image in batch])
         steps = len(out.steps)  # img2img runs the last int(steps * strength)
         made[name] = [to_uint8(image) for image in out.images], out.timings

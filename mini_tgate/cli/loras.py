@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..formats.hub import lora_hash
 from ..formats.lora import SCALES, scale_ok
 
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's prompt tag <lora:NAME:MULTIPLIER> (prompt_tags)
@@ -84,3 +85,15 @@ def tag_loras(prompts: list[str], lora_dir: str | None, where) -> list[tuple[str
             raise FileNotFoundError(f"{tag}: no file {str(path)!r}")
         loras.append((str(path), scale))
     return loras
+
+
+def lora_hashes(args, tagged: list[tuple[str, float]]) -> dict[str, str]:
+    """A1111's "Lora hashes" of a run: {name: short hash (hub.lora_hash)} of every LoRA merged, each
+    named as A1111 names it, by the NAME of its prompt tag (the file's path in --lora-dir without
+    ".safetensors"), or for --lora by its file's (or folder's, repo's) stem; a name given twice is
+    listed once, as A1111's dict of them keeps it."""
+    named = [(Path(path).stem if Path(path).suffix == ".safetensors" else Path(path).name, path)
+             for path, _ in loras_from(args)]
+    for path, _ in tagged:  # DIR/NAME.safetensors, made by tag_loras
+        named.append((str(Path(path).relative_to(Path(args.lora_dir))).removesuffix(".safetensors"), path))
+    return {name: lora_hash(path) for name, path in named}

@@ -5,6 +5,7 @@ pipeline and the keyword arguments of its call."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import secrets
@@ -88,6 +89,10 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1 to {CLI_MAX_STEPS} (default 25)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: the pipeline's, 7.5 SD, 5 SDXL)")
+    p.add_argument("--emphasis", action=argparse.BooleanOptionalAction,
+                   help="A1111's prompt emphasis, SD and SDXL: (word) x1.1, ((word)), [word] /1.1, (word:1.3), "
+                        "\\( for a literal bracket, BREAK (default: on, as in A1111; --no-emphasis reads the "
+                        "brackets as text)")
     p.add_argument("--scheduler", metavar="NAME",
                    help="default: the checkpoint's. Case-insensitive, A1111's names included: "
                         + ", ".join(repr(n) for n in SCHEDULER_NAMES))
@@ -104,7 +109,7 @@ def add_generate_options(p: argparse.ArgumentParser, prompt: str | None = None,
     p.add_argument("--batch-size", type=int, default=1,
                    help=f"images denoised together, 1 to {CLI_MAX_BATCH_SIZE} (default 1; more is faster on a GPU)")
     add_gate_options(p)
-    p.add_argument("--no-tgate", action="store_true", help="plain sampling, no gate")
+    p.add_argument("--no-tgate", action="store_true", help="turn TGATE off (it is on by default): plain sampling")
     add_deepcache_options(p)
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="merge a LoRA (a .safetensors file, a folder or hub repo id holding one; diffusers or "
@@ -275,7 +280,41 @@ def call_options(args, pipe) -> dict:
                 guidance_scale=pipe.default_guidance_scale if args.guidance_scale is None else args.guidance_scale,
                 height=args.height or pipe.denoiser.config.sample_size * f,
                 width=args.width or pipe.denoiser.config.sample_size * f,
-                **({} if deepcache is None else {"deepcache": deepcache}))
+                **({} if deepcache is None else {"deepcache": deepcache}), **emphasis_option(args, pipe))
+
+
+def emphasis_option(args, pipe) -> dict:
+    """--emphasis/--no-emphasis as the call's `emphasis=`: SD and SDXL take it, on by default
+    (A1111's habit); other pipelines have no emphasis: --emphasis given is refused, the default
+    ignored (their PNGs record "Emphasis: None" for a prompt with brackets, as A1111 would)."""
+    given = getattr(args, "emphasis", None)
+    if takes_emphasis(pipe):
+        return {"emphasis": given is not False}
+    if given:
+        raise ValueError(f"--emphasis: {type(pipe).__name__} has no A1111 prompt emphasis (SD and SDXL have it); "
+                         "drop --emphasis")
+    return {}
+
+
+def takes_emphasis(pipe) -> bool:
+    """Whether the pipeline's call takes `emphasis=` (SD and SDXL)."""
+    from ..stable_diffusion.pipeline import StableDiffusionPipeline
+
+    return isinstance(pipe, StableDiffusionPipeline) and (
+        "emphasis" in pipe.extra_call_args or "emphasis" in inspect.signature(type(pipe).__call__).parameters)
+
+
+def note_literal_emphasis(pipe, call: dict, texts) -> None:
+    """One line when a prompt has A1111's emphasis brackets and the pipeline has no emphasis (PixArt,
+    or a pipeline without the option): they reach the text encoder as text. (With --no-emphasis,
+    SD and SDXL say so themselves.)"""
+    if "emphasis" not in call and any(ch in (text or "") for text in texts for ch in "(["):
+        warnings.warn(f"{type(pipe).__name__} has no A1111 prompt emphasis: brackets in the prompts are read as text")
+
+
+def emphasis_name(call: dict) -> str:
+    """What a PNG records of the call's emphasis, in A1111's names: "Original" (applied) or "None"."""
+    return "Original" if call.get("emphasis") else "None"
 
 
 def with_image(call: dict, image: torch.Tensor | None) -> dict:

@@ -101,7 +101,7 @@ def check_video(args) -> VideoInputs:
     refused = {"--negative": args.negative, "--strength": args.strength, "--lora": args.lora,
                "--lora-dir": args.lora_dir, "--scheduler": args.scheduler, "--compare": args.compare or None,
                "--deepcache-interval": args.deepcache_interval, "--deepcache-branch": args.deepcache_branch,
-               "--prediction-type": args.prediction_type}
+               "--prediction-type": args.prediction_type, "--emphasis": getattr(args, "emphasis", None) or None}
     for name, value in refused.items():
         if value is not None:
             why = ("DeepCache has no form for SVD (neither DeepCache nor tgate has one)" if "deepcache" in name

@@ -134,3 +134,18 @@ BATCH_MAX_LOCK_TEXT = 1024  # bytes read of a folder's lock file
 # A model makes images of more pixels than it was trained at slowly (attention's work grows with
 # their square) and badly (repeated subjects): past 4x them (twice a side), generate says so first.
 CLI_NOTE_PIXELS = 4
+
+# ----------------------------------------------------------------------------- generate --compare
+# The speed-up is timed on the first batch, this many more times a path after the warm-up pair;
+# runs of one path more than COMPARE_NOISE apart (of the faster) make it too noisy to trust.
+COMPARE_TIMED_RUNS = 2
+COMPARE_NOISE = 0.10
+CLI_LABEL_PIXELS = 256  # the panels' labels are drawn 1x per this many pixels of image height
+
+# ----------------------------------------------------------------------------- A1111 prompt emphasis
+# With emphasis=True a prompt is not cut at 75 tokens but split into chunks of 75 (A1111's way);
+# each chunk adds 77 tokens every cross-attention layer attends to. 16 chunks (1,200 tokens of
+# text) is far beyond any prompt A1111 users write. A chunk about to overflow ends at its last
+# comma when that comma is at most this many tokens back (A1111's comma_padding_backtrack, 20).
+MAX_PROMPT_CHUNKS = 16
+A1111_COMMA_BACKTRACK = 20

@@ -23,8 +23,10 @@ from .schedulers import Scheduler
 from .tgate import DeepCache, TGate, check_gate_types
 from .vae import AutoencoderKL
 
-# the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`)
+# the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`); SDXL adds
+# its pooled embeddings and time ids (SDXL_CALLBACK_INPUTS, the prompts' alone: not diffusers' CFG batch)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+SDXL_CALLBACK_INPUTS = ("add_text_embeds", "add_time_ids")
 
 
 @dataclass
@@ -82,6 +84,7 @@ def check_call(pipe, conditioning: dict, prompt, negative_prompt, num_inference_
     scheduler = copy.deepcopy(pipe.scheduler)  # its timesteps and step state belong to this call
     device, dtype = offload or pipe.device, next(denoiser.parameters()).dtype
     guidance_scale = pipe.default_guidance_scale if guidance_scale is None else guidance_scale
+    num_inference_steps = pipe.default_steps if num_inference_steps is None else num_inference_steps
     # the size: img2img's is the image's; otherwise the denoiser's trained size unless given
     pixels = None
     if image is not None:
@@ -133,6 +136,26 @@ def check_call(pipe, conditioning: dict, prompt, negative_prompt, num_inference_
                 height, width, output_size, shape, latents, pixels, generator, output_type, scheduler,
                 guidance_scale, guidance_rescale, eta, tgate, deepcache, callback_on_step_end, callback_inputs,
                 denoiser, vae, offload, device, dtype, bar_config, pipe.static_caches)
+
+
+# diffusers' loading arguments that change nothing here, with the values that keep it so (None:
+# any value). Safetensors are the only weights read; there is no safety checker nor feature
+# extractor to leave out; loading is already low on CPU memory (the weights are read into the
+# models built on the meta device).
+HARMLESS_LOADING_ARGS = {"use_safetensors": None, "low_cpu_mem_usage": None, "requires_safety_checker": None,
+                         "safety_checker": (None,), "feature_extractor": (None,)}
+
+
+def check_loading_args(where: str, kwargs: dict) -> None:
+    """The extra keyword arguments of a from_pretrained / from_single_file / load_pipeline: only
+    diffusers' harmless ones (HARMLESS_LOADING_ARGS), anything else a TypeError naming it."""
+    for key, value in kwargs.items():
+        if key not in HARMLESS_LOADING_ARGS:
+            raise TypeError(f"{where}() got an unexpected keyword argument {key!r} (of diffusers' loading "
+                            f"arguments, only {', '.join(HARMLESS_LOADING_ARGS)} are accepted, and change nothing)")
+        allowed = HARMLESS_LOADING_ARGS[key]
+        if allowed is not None and value not in allowed:
+            raise TypeError(f"{where}(): {key}={value!r} is not supported; there is no {key} here (pass {key}=None)")
 
 
 def check_image(pipe, image, strength, height, width, latents) -> tuple[torch.Tensor, float]:
@@ -218,9 +241,10 @@ def check_objects(pipe, denoiser, batch: int, generator, latents, tgate, deepcac
             raise ValueError(f"clip_skip must be None or an integer in [0, {layers - 1}], got {clip_skip!r}")
     if callback is not None and not callable(callback):
         raise TypeError("callback_on_step_end must be callable")
-    unknown = [k for k in callback_inputs if k not in CALLBACK_TENSOR_INPUTS]
+    allowed = CALLBACK_TENSOR_INPUTS + pipe.extra_callback_inputs
+    unknown = [k for k in callback_inputs if k not in allowed]
     if unknown:
-        raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(CALLBACK_TENSOR_INPUTS)}; "
+        raise ValueError(f"callback_on_step_end_tensor_inputs may name {', '.join(allowed)}; "
                          f"got {', '.join(map(repr, unknown))}")
 
 
@@ -246,7 +270,7 @@ def set_schedule(scheduler: Scheduler, num_inference_steps: int, timesteps, sigm
     if strength is None:
         return
     steps = len(scheduler.timesteps) if custom else num_inference_steps
-    begin = steps - min(int(steps * strength), steps)
+    begin = (steps - min(int(steps * strength), steps)) * scheduler.order  # Heun: two entries a step
     if begin >= len(scheduler.timesteps):
         raise ValueError(f"strength={strength} of num_inference_steps={steps} runs int({steps} * {strength}) "
                          "= 0 steps; give more steps or a higher strength")

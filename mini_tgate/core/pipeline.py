@@ -23,6 +23,7 @@ call lock and compiling are runtime.py's.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inputs import CALLBACK_TENSOR_INPUTS, Call, check_call
+from .bounds import is_number
+from .inputs import CALLBACK_TENSOR_INPUTS, SDXL_CALLBACK_INPUTS, Call, check_call, check_loading_args
 from .runtime import RuntimeMixin, make_static_caches, on_device, progress_bar, timed
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
-from .tgate import DeepCache, TGate, plan
+from .tgate import COMPUTE, DeepCache, TGate, plan
 from .vae import AutoencoderKL
 from .weights import CheckpointError, pick_dtype, read_json, read_model_index, resolve, snapshot_commit
 
@@ -58,10 +60,13 @@ class DiffusionPipeline(RuntimeMixin):
     PixArt pipelines (transformer, T5 text), StableVideoDiffusionPipeline (its own check, encode and
     decode: image to video). Moving the models, the call lock and compiling come from RuntimeMixin."""
 
-    model_index_names: tuple[str, ...] = ()  # the model_index.json class names this class loads
+    model_index_names: tuple[str, ...] = ()  # the model_index.json class names this class loads, and is picked for
+    also_loads: tuple[str, ...] = ()  # other names it loads (the text-to-image and img2img pipelines: each other's)
+    default_steps = 50  # diffusers' default num_inference_steps: 50 for SD and SDXL, 20 for PixArt
     default_guidance_scale = 7.5  # diffusers' defaults: 7.5 for SD, 5.0 for SDXL, 4.5 for PixArt
     default_strength = None  # img2img's (diffusers': 0.8 for SD, 0.3 for SDXL); None: no img2img (PixArt)
     extra_call_args = ()  # keyword arguments of __call__ that only the subclass reads (SDXL's, PixArt's)
+    extra_callback_inputs = ()  # tensors a step callback may see besides CALLBACK_TENSOR_INPUTS (SDXL's)
     vae_class = AutoencoderKL  # SVD's: AutoencoderKLTemporalDecoder
     gated_branch = "uncond"  # the CFG branch that runs alone after the TGATE gate (tgate's SVD loader: "cond")
 
@@ -73,31 +78,33 @@ class DiffusionPipeline(RuntimeMixin):
     @classmethod
     def from_pretrained(cls, source, device="cpu", dtype: torch.dtype | None = None, variant: str | None = None,
                         local_files_only: bool = False, cache_dir=None, revision: str | None = None,
-                        torch_dtype: torch.dtype | None = None) -> "DiffusionPipeline":
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "DiffusionPipeline":
         """The pipeline of a diffusers folder or hub repo whose model_index.json names this class
-        (`load_pipeline` picks the class for you). dtype (diffusers' name, torch_dtype, is an alias)
-        defaults to float32; the VAE stays in float32 when its config says force_upcast."""
-        dtype = pick_dtype(dtype, torch_dtype)
-        folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
-        index = read_model_index(folder)
-        name = index.get("_class_name")
-        if name not in cls.model_index_names:
-            raise CheckpointError(f"{source}: a {name} checkpoint, not a {cls.__name__} one; use load_pipeline")
-        kw = dict(dtype=dtype, device=device, variant=variant)
-        vae = cls.vae_class.from_pretrained(folder, subfolder="vae", **kw)
-        vae = vae.float() if vae.needs_upcast else vae
-        scheduler = scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json"))
-        pipe = cls(vae=vae, scheduler=scheduler, **cls.components(folder, index, kw))
-        # where the weights came from (the CLI writes it into PNGs): never an absolute local path
-        local = Path(source).expanduser().is_dir()
-        pipe.model_info = {"name": folder.name if local else str(source), "folder": folder,
-                           "revision": snapshot_commit(folder)}
-        return pipe
+        or one it also loads (see load_folder; on DiffusionPipeline, the class the folder names).
+        dtype (diffusers' name, torch_dtype, is an alias) defaults to float32. kwargs: diffusers'
+        harmless loading arguments (inputs.HARMLESS_LOADING_ARGS), anything else a TypeError."""
+        check_loading_args(f"{cls.__name__}.from_pretrained", kwargs)
+        return load_folder(cls, source, device, pick_dtype(dtype, torch_dtype), variant, local_files_only, cache_dir,
+                           revision)
 
     @classmethod
-    def components(cls, folder: Path, index: dict, kw: dict) -> dict:
+    def load_components(cls, folder: Path, index: dict, kw: dict) -> dict:
         """The models and tokenizers of a diffusers folder besides the VAE and the scheduler."""
         raise NotImplementedError
+
+    @classmethod
+    def from_pipe(cls, pipe: "DiffusionPipeline", **components) -> "DiffusionPipeline":
+        """diffusers' from_pipe: this class on the same models (shared, not copied), any of them
+        replaced by `components` (e.g. scheduler=...)."""
+        new = cls(**{**init_arguments(pipe, cls), **components})
+        new.model_info, new.progress_bar_config = dict(pipe.model_info), dict(pipe.progress_bar_config)
+        return new
+
+    @property
+    def components(self) -> dict:
+        """The parts (diffusers'): `type(pipe)(**pipe.components)` builds the same pipeline on them."""
+        return {k: v for k, v in init_arguments(self, type(self)).items()
+                if inspect.signature(type(self)).parameters[k].default is inspect.Parameter.empty}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -113,7 +120,7 @@ class DiffusionPipeline(RuntimeMixin):
         return height, width, None
 
     def __call__(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 num_inference_steps: int = 25, guidance_scale: float | None = None, height: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, generator=None,
                  latents: torch.Tensor | None = None, tgate: TGate | None = None, output_type: str = "np",
                  deepcache: DeepCache | None = None,
@@ -121,17 +128,25 @@ class DiffusionPipeline(RuntimeMixin):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  clip_skip: int | None = None, timesteps: list | None = None, sigmas: list | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 image=None, strength: float | None = None, **conditioning) -> PipelineOutput:
+                 image=None, strength: float | None = None, return_dict: bool = True,
+                 **conditioning) -> PipelineOutput | tuple:
         """Text to images; with `image`, img2img (see image_latents). Thread-safe: concurrent calls
         on one pipeline run one at a time (see exclusive_call), each with its own copy of the scheduler.
 
         `callback_on_step_end(pipe, i, t, tensors) -> dict` runs after each step with the tensors
         named in `callback_on_step_end_tensor_inputs`; those it returns replace the loop's. Setting
         `pipe._interrupt = True` (diffusers' way) skips the remaining steps and decodes the
-        current latents; the flag is reset when the next call starts."""
+        current latents; the flag is reset when the next call starts. Setting `pipe._guidance_scale`
+        there changes the guidance from the next step on (see denoise). return_dict=False: a tuple,
+        as diffusers' (as_tuple)."""
         # 1. Check the arguments (all of them, by name) before anything is encoded or allocated: inputs.py.
-        c = check_call(self, **{name: value for name, value in locals().items() if name != "self"})
-        return self.generate(c)
+        c = check_call(self, **{k: v for k, v in locals().items() if k not in ("self", "return_dict")})
+        out = self.generate(c)
+        return out if return_dict else self.as_tuple(out)
+
+    def as_tuple(self, out: PipelineOutput) -> tuple:
+        """return_dict=False's value, diffusers' for the family: (images,); SD's (images, None)."""
+        return (out.images,)
 
     @torch.inference_mode()
     def generate(self, c: Call) -> PipelineOutput:
@@ -146,6 +161,7 @@ class DiffusionPipeline(RuntimeMixin):
             # 4. Plan: each step's attention behaviour, batch and (DeepCache) UNet part.
             cfg = uncond is not None  # encode decides: with CFG, it conditions on the negative prompts too
             steps = plan(c.tgate, len(c.scheduler.timesteps) - c.scheduler.begin_index, cfg, c.deepcache)
+            self._guidance_scale, self._num_timesteps = c.guidance_scale, len(steps)  # diffusers' attributes
             # 5. Denoise.
             state = LoopState(latents, cond, uncond)
             with timed(timings, "denoise"), on_device([c.denoiser], c.offload):
@@ -161,25 +177,8 @@ class DiffusionPipeline(RuntimeMixin):
 
     def encode(self, c: Call) -> tuple[dict, dict | None]:
         """The denoiser's conditioning of the prompts and, with CFG, of the negative prompts (else
-        None), each repeated for its images. CFG doubles the batch, unless the UNet takes guidance
-        as an embedding (LCM)."""
-        lcm = getattr(c.denoiser.config, "time_cond_proj_dim", None) is not None  # PixArt has none
-        cfg = c.guidance_scale > 1 and not lcm
-        with on_device(self.text_encoders(), c.offload):
-            cond, uncond = self.encode_prompt(c.prompts, c.negatives, cfg, c.height, c.width, c.device,
-                                              c.prompt_embeds, c.negative_prompt_embeds, c.clip_skip, **c.conditioning)
-        for what, x, given in (("prompt", cond, c.prompt_embeds), ("negative prompt", uncond, c.negative_prompt_embeds)):
-            if x is not None and not torch.isfinite(x["encoder_hidden_states"]).all():
-                raise FloatingPointError(f"the text embeddings of the {what} contain NaN or inf: " + (
-                    "the embeddings you passed" if given is not None
-                    else "the text encoder's weights produce them" + half_hint(c.dtype)))
-        cond = repeat_images(cond, c.num_images_per_prompt)
-        uncond = repeat_images(uncond, c.num_images_per_prompt) if cfg else None
-        if lcm:
-            w = torch.full((c.batch,), c.guidance_scale - 1.0)
-            cond["timestep_cond"] = guidance_embedding(w, c.denoiser.config.time_cond_proj_dim,
-                                                       torch.float32).to(c.device, c.dtype)
-        return cond, uncond
+        None), each repeated for its images (encode_text; SVD encodes its image)."""
+        return encode_text(self, c)
 
     def denoise(self, c: Call, state: LoopState, steps: list) -> list[dict]:
         """The denoising loop with this call's progress bar and step callback; the latents end in
@@ -192,6 +191,7 @@ class DiffusionPipeline(RuntimeMixin):
                     bar.update()
                 if c.callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
                     state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs)) or {})
+                    c.guidance_scale = dynamic_guidance(self._guidance_scale, c.guidance_scale)
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
                     break
             checks.raise_first()  # the loop's one wait for the device
@@ -200,6 +200,76 @@ class DiffusionPipeline(RuntimeMixin):
             if bar is not None:
                 bar.close()
         return report
+
+
+# ----------------------------------------------------------------------------- 1. loading
+
+def load_folder(cls, source, device, dtype: torch.dtype, variant, local_files_only, cache_dir, revision):
+    """DiffusionPipeline.from_pretrained's loading: the folder's (or repo's) model_index.json,
+    the class (cls, which must load the name it gives: a text-to-image class loads an img2img
+    folder and the other way round, as in diffusers; on DiffusionPipeline the class that declares
+    the name), the VAE (float32 when its config says force_upcast), the scheduler and the
+    family's components."""
+    folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
+    index = read_model_index(folder)
+    cls = cls if cls.model_index_names else pipeline_class(index.get("_class_name"), folder)
+    if index.get("_class_name") not in cls.model_index_names + cls.also_loads:
+        raise CheckpointError(f"{source}: a {index.get('_class_name')} checkpoint, not a {cls.__name__} one; "
+                              "use load_pipeline")
+    kw = dict(dtype=dtype, device=device, variant=variant)
+    vae = cls.vae_class.from_pretrained(folder, subfolder="vae", **kw)
+    vae = vae.float() if vae.needs_upcast else vae
+    scheduler = scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json"))
+    pipe = cls(vae=vae, scheduler=scheduler, **cls.load_components(folder, index, kw))
+    # where the weights came from (the CLI writes it into PNGs): never an absolute local path
+    local = Path(source).expanduser().is_dir()
+    pipe.model_info = {"name": folder.name if local else str(source), "folder": folder,
+                       "revision": snapshot_commit(folder)}
+    return pipe
+
+
+def pipeline_class(name, folder: Path) -> type:
+    """The pipeline class that declares `name` among its model_index_names: load_pipeline's
+    choice, found among DiffusionPipeline's subclasses (core imports no family)."""
+    todo = list(DiffusionPipeline.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        if name in vars(cls).get("model_index_names", ()):
+            return cls
+        todo += cls.__subclasses__()
+    raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported")
+
+
+def init_arguments(pipe, cls) -> dict:
+    """What `cls`'s constructor takes that `pipe` has, by name: its parts (and options)."""
+    names = [p.name for p in inspect.signature(cls).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return {name: getattr(pipe, name) for name in names if hasattr(pipe, name)}
+
+
+# ----------------------------------------------------------------------------- 2. encode
+
+def encode_text(pipe: DiffusionPipeline, c: Call) -> tuple[dict, dict | None]:
+    """The conditioning of the prompts and, with CFG, of the negative prompts (else None), each
+    repeated for its images. CFG doubles the batch, unless the UNet takes guidance as an
+    embedding (LCM)."""
+    lcm = getattr(c.denoiser.config, "time_cond_proj_dim", None) is not None  # PixArt has none
+    cfg = c.guidance_scale > 1 and not lcm
+    with on_device(pipe.text_encoders(), c.offload):
+        cond, uncond = pipe.encode_prompt(c.prompts, c.negatives, cfg, c.height, c.width, c.device,
+                                          c.prompt_embeds, c.negative_prompt_embeds, c.clip_skip, **c.conditioning)
+    for what, x, given in (("prompt", cond, c.prompt_embeds), ("negative prompt", uncond, c.negative_prompt_embeds)):
+        if x is not None and not torch.isfinite(x["encoder_hidden_states"]).all():
+            raise FloatingPointError(f"the text embeddings of the {what} contain NaN or inf: " + (
+                "the embeddings you passed" if given is not None
+                else "the text encoder's weights produce them" + half_hint(c.dtype)))
+    cond = repeat_images(cond, c.num_images_per_prompt)
+    uncond = repeat_images(uncond, c.num_images_per_prompt) if cfg else None
+    if lcm:
+        w = torch.full((c.batch,), c.guidance_scale - 1.0)
+        cond["timestep_cond"] = guidance_embedding(w, c.denoiser.config.time_cond_proj_dim,
+                                                   torch.float32).to(c.device, c.dtype)
+    return cond, uncond
 
 
 # ----------------------------------------------------------------------------- 3. initial latents
@@ -240,9 +310,11 @@ class LoopState:
     uncond: dict | None    # of the negative prompts, with CFG
 
     def tensors(self, names: list[str]) -> dict:
-        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS it names."""
+        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS (and SDXL's) it names."""
         negative = None if self.uncond is None else self.uncond["encoder_hidden_states"]
         tensors = dict(zip(CALLBACK_TENSOR_INPUTS, (self.latents, self.cond["encoder_hidden_states"], negative)))
+        added = self.cond.get("added_cond_kwargs", {})
+        tensors.update(zip(SDXL_CALLBACK_INPUTS, (added.get("text_embeds"), added.get("time_ids"))))
         return {k: tensors[k] for k in names}
 
     def replace(self, out: dict) -> None:
@@ -252,6 +324,9 @@ class LoopState:
             self.cond = {**self.cond, "encoder_hidden_states": out["prompt_embeds"]}
         if "negative_prompt_embeds" in out and self.uncond is not None:
             self.uncond = {**self.uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
+        for name, key in zip(SDXL_CALLBACK_INPUTS, ("text_embeds", "time_ids")):  # SDXL's, of the prompts
+            if name in out and "added_cond_kwargs" in self.cond:
+                self.cond = {**self.cond, "added_cond_kwargs": {**self.cond["added_cond_kwargs"], key: out[name]}}
 
 
 def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks, gated_branch: str = "uncond"):
@@ -264,10 +339,17 @@ def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks,
     read are its Python numbers, and the NaN/inf checks are flags on the device (`checks`)."""
     denoiser, scheduler, begin = c.denoiser, c.scheduler, c.scheduler.begin_index
     extra = {"eta": c.eta} if isinstance(scheduler, DDIMScheduler) else {}
+    caching = any((s.cross_attn, s.self_attn, s.deep) != (COMPUTE,) * 3 for s in steps)  # need the doubled batch
     for i, (t, t_host, step) in enumerate(zip(scheduler.timesteps[begin:], scheduler.schedule[begin:], steps)):
         latents, cond, uncond = state.latents, state.cond, state.uncond
-        if step.cfg:  # (2B, C, h, w): [unconditional, conditional]
+        # a step callback may have turned guidance off (pipe._guidance_scale <= 1): diffusers then
+        # runs the conditional branch alone; with a gate or DeepCache the batch stays doubled
+        guided = not (is_number(c.guidance_scale) and c.guidance_scale <= 1)
+        doubled = step.cfg and (guided or caching)
+        if doubled:  # (2B, C, h, w): [unconditional, conditional]
             x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
+        elif step.cfg:  # guidance turned off before the gate: the conditional branch alone
+            x, kw = latents, cond
         else:  # after the gate, CFG is dropped: one branch alone (the family's gated_branch)
             x, kw = latents, uncond if uncond is not None and gated_branch == "uncond" else cond
         x = scheduler.scale_model_input(x, t_host)
@@ -279,7 +361,9 @@ def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks,
         noise = denoiser(x, timestep=t, **kw)
         # PixArt predicts the variance too (learned sigma): the noise is the first half
         noise = checks.check(i, "noise", noise[:, :latents.shape[1]])
-        if step.cfg:
+        if doubled and not guided:
+            noise = noise.chunk(2)[1]  # the conditional prediction, as it is
+        elif doubled:
             noise_uncond, noise_text = noise.chunk(2)
             noise = noise_uncond + c.guidance_scale * (noise_text - noise_uncond)
             if c.guidance_rescale > 0:
@@ -323,6 +407,16 @@ class FiniteChecks:
             f"the {scheduler} step {i} produced NaN or inf" + (f" (eta={c.eta})" if scheduler == "DDIMScheduler"
                                                                 else "") + hint,
         )[stage])
+
+
+def dynamic_guidance(set_scale, scale):
+    """The guidance of the steps after a step callback: `pipe._guidance_scale` if the callback set
+    it (diffusers' dynamic CFG), else the call's."""
+    if set_scale is scale:
+        return scale
+    if not is_number(set_scale):
+        raise ValueError(f"pipe._guidance_scale must be a finite number, got {set_scale!r}")
+    return set_scale
 
 
 def batch_cat(a: dict, b: dict) -> dict:

@@ -40,7 +40,7 @@ def timed(timings: dict, phase: str):
 
 def progress_bar(total: int, config: dict):
     """A tqdm bar over the steps with the pipeline's options (set_progress_bar_config), or None."""
-    if config.get("disable", True):
+    if config.get("disable", False):
         return None
     from tqdm.auto import tqdm  # comes with huggingface-hub
 
@@ -98,17 +98,50 @@ def to_meta(value):
     return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
+def offload_device(gpu_id: int | None, device) -> torch.device:
+    """The device model CPU offload moves each part to: `device`, or this machine's accelerator;
+    a RuntimeError now, not at the next call, where that device is missing."""
+    if device is None:
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if accelerator is None:
+            raise RuntimeError("enable_model_cpu_offload() needs an accelerator (CUDA, ...) and this machine has "
+                               "none; on the CPU the pipeline already keeps its weights there: leave offload off")
+        device = accelerator.type
+    device = torch.device(device)
+    if gpu_id is not None:
+        device = torch.device(device.type, gpu_id)
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        count = backend.device_count() if backend is not None and backend.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise RuntimeError(f"enable_model_cpu_offload(device={str(device)!r}): this machine has no such "
+                               f"device ({count} {device.type} device(s))")
+    return device
+
+
 class RuntimeMixin:
     """A pipeline's parts on their device and dtype, one call at a time. The class using it has
     `denoiser`, `vae` and `text_encoder` (SDXL: `text_encoders()` names both)."""
 
     def __init__(self):
-        self.progress_bar_config = {"disable": True}  # tqdm options; quiet unless asked
+        self.progress_bar_config = {}  # tqdm options; shown, as in diffusers, unless disable=True
         self.offload_device: torch.device | None = None  # see enable_model_cpu_offload
         # The lock of one generation at a time (see exclusive_call), and the thread holding it.
         self.call_lock, self.call_owner = threading.Lock(), None
         self._interrupt = False  # diffusers' early stop, set by a step callback
         self.static_caches = False  # caches in static buffers (compile's CUDA-graph modes; make_static_caches)
+        # diffusers' attributes of the running (or last) call: its guidance scale, which a step
+        # callback may change for the steps after it (see denoise), and its number of steps
+        self._guidance_scale, self._num_timesteps = None, None
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The steps the running (or last) call runs (img2img: those its strength leaves)."""
+        return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:
@@ -145,15 +178,27 @@ class RuntimeMixin:
                 self.offload_device = None
         return self
 
-    def enable_model_cpu_offload(self, device="cuda") -> None:
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> None:
         """Keep the weights on the CPU; each part (text encoders, UNet, VAE) moves to `device` only
-        while it runs, then back: the GPU holds one part at a time. Explicit moves in the call,
-        not hooks (see on_device)."""
-        device = torch.device(device)
+        while it runs, then back: the accelerator holds one part at a time. Explicit moves in the
+        call, not hooks (see on_device). device None: this machine's accelerator (gpu_id: which
+        one); refused at once, with a RuntimeError, where there is none (device="cpu" is allowed:
+        the moves then change nothing)."""
+        device = offload_device(gpu_id, device)
         with self.exclusive_call():
             for m in self.models():
                 m.to("cpu")
             self.offload_device = device
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Accepted for diffusers scripts; a no-op. diffusers slices attention over heads to save
+        memory on its old attention kernels; attention here always runs torch's
+        scaled_dot_product_attention (SDPA), which never materialises the (tokens x tokens) score
+        matrix on its memory-efficient and flash kernels, so there is nothing to slice (diffusers
+        itself warns against slicing on top of SDPA: it only slows it down)."""
+
+    def disable_attention_slicing(self) -> None:
+        """Accepted for diffusers scripts; a no-op (see enable_attention_slicing)."""
 
     @contextmanager
     def exclusive_call(self):
@@ -172,9 +217,9 @@ class RuntimeMixin:
                 self.call_owner = None
 
     def set_progress_bar_config(self, **kwargs) -> None:
-        """tqdm options for the denoising loop's bar, as diffusers: disable=False shows it (the
-        default here is quiet); a call's `progress=True/False` overrides `disable`."""
-        self.progress_bar_config = {"disable": False, **kwargs} if "disable" not in kwargs else dict(kwargs)
+        """tqdm options for the denoising loop's bar, as diffusers: shown unless disable=True; a
+        call's `progress=True/False` overrides `disable`."""
+        self.progress_bar_config = dict(kwargs)
 
     def compile(self, mode: str | None = None) -> Self:
         """torch.compile the hot path in place: the denoiser (fullgraph, channels_last) and the VAE

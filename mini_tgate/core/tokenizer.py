@@ -64,9 +64,27 @@ def config_max_length(config: dict, default: int):
     return length
 
 
-def tokenizer_folder(source, subfolder: str | None, local_files_only: bool, cache_dir, revision) -> Path:
-    """The local folder of the tokenizer in `subfolder` of a folder or hub repo (only its files are fetched)."""
-    folder = resolve(source, None, local_files_only, cache_dir, folders=[subfolder or ""], revision=revision)
+class FolderOrTokenizer:
+    """from_pretrained's default subfolder (transformers' reading): the folder itself when it holds
+    the tokenizer's files, else its `tokenizer/` (a diffusers pipeline's). None: the folder itself."""
+
+    def __repr__(self) -> str:
+        return "<the folder itself if it holds the tokenizer files, else tokenizer/>"
+
+
+FOLDER_OR_TOKENIZER = FolderOrTokenizer()
+
+
+def tokenizer_folder(source, subfolder, local_files_only: bool, cache_dir, revision,
+                     files: tuple[str, ...] = ("tokenizer.json", "vocab.json")) -> Path:
+    """The local folder of the tokenizer in `subfolder` of a folder or hub repo (only its files are
+    fetched). subfolder FOLDER_OR_TOKENIZER: the folder itself when it holds one of `files`, else
+    its tokenizer/; None or "": the folder itself."""
+    pick = subfolder is FOLDER_OR_TOKENIZER
+    folders = ["", "tokenizer"] if pick else [subfolder or ""]
+    folder = resolve(source, None, local_files_only, cache_dir, folders=folders, revision=revision)
+    if pick:
+        subfolder = None if any((folder / name).is_file() for name in files) else "tokenizer"
     folder = folder / subfolder if subfolder else folder
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: missing tokenizer folder")
@@ -147,9 +165,12 @@ class CLIPTokenizer:
         return cls(vocab, read_merges(Path(merges_txt)), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, source, subfolder: str | None = "tokenizer", local_files_only: bool = False,
+    def from_pretrained(cls, source, subfolder: str | None = FOLDER_OR_TOKENIZER, local_files_only: bool = False,
                         cache_dir=None, revision: str | None = None) -> CLIPTokenizer:
-        """The tokenizer of a folder or hub repo (only `subfolder`'s files are fetched)."""
+        """The tokenizer of a folder or hub repo (only `subfolder`'s files are fetched). As in
+        transformers, a folder that itself holds the files (tokenizer.json, or vocab.json +
+        merges.txt) is read as it is; without `subfolder`, a pipeline's folder is read at its
+        tokenizer/ (subfolder="tokenizer_2" for SDXL's second)."""
         folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision)
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         listed = []  # added tokens with their ids and flags

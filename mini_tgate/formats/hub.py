@@ -1,4 +1,5 @@
-"""A1111's short model hash of a checkpoint (a single file, or a folder's denoiser weights)."""
+"""A1111's short hashes: of a checkpoint (a single file, or a folder's denoiser weights), and of
+a LoRA file (its "Lora hashes")."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from ..core.weights import CheckpointError, weight_files
+from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_TENSORS
+from ..core.weights import CheckpointError, is_repo_id, read_header, weight_files
 
 
 def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
@@ -45,3 +47,31 @@ def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
     if len(digests) == 1:
         return digests[0][:10]
     return hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest()[:10]
+
+
+def lora_hash(source: str | os.PathLike) -> str:
+    """A1111's short hash of a LoRA, as its "Lora hashes" field gives it: the first 12 hex digits
+    of the kohya/"addnet" hash (A1111's `hashes.addnet_hash_safetensors`: the SHA-256 of the
+    safetensors file after its header, so editing the metadata keeps the hash), or of the
+    `sshs_model_hash` its metadata holds, which A1111 takes first (kohya's trainer writes it).
+    `source`: a .safetensors file, a folder holding one, or a hub repo id already in the local
+    cache (as --lora takes them; `read_lora` picks the same file)."""
+    import hashlib
+
+    from .lora import DEFAULT_WEIGHT_NAME, download, pick_file
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = pick_file(path)
+    elif not path.exists() and is_repo_id(str(source)):
+        path = download(str(source), DEFAULT_WEIGHT_NAME, True, None, None)
+    header = read_header(path, MAX_LORA_BYTES, MAX_LORA_TENSORS, "LoRA")
+    given = header.metadata.get("sshs_model_hash", "")
+    if given:
+        return given[:12]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(header.data_start)
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()[:12]

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,53 +377,149 @@ def lora_models(pipe) -> dict[str, nn.Module]:
             if isinstance(getattr(pipe, name, None), nn.Module)}
 
 
-def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = None) -> str:
-    """Merge a LoRA into the pipeline's weights; returns its adapter name. Everything is checked
-    before the first weight changes; a merged weight that is not finite (a scale or alpha too
-    large for the weight's dtype) undoes the layers merged before it. Refused while a model a
-    loaded LoRA was merged into has been replaced (pipe.unet = other): unfuse_all first. The
-    caller holds the pipeline's call lock."""
-    if not scale_ok(scale):
-        raise ValueError(f"{lora.name}: scale must be {SCALES}, got {scale!r:.40}")
-    scale = float(scale)
-    adapters = vars(pipe).setdefault("lora_adapters", {})    # name -> (source, scale), in load order
-    originals = vars(pipe).setdefault("lora_originals", {})  # (model, path) -> (model, weight before any LoRA)
-    if adapter_name is None:
-        adapter_name = f"default_{len(adapters)}"  # diffusers' names
-        while adapter_name in adapters:
-            adapter_name += "_"
-    if not isinstance(adapter_name, str) or adapter_name in adapters:
-        raise ValueError(f"adapter_name {adapter_name!r} is already loaded (loaded: {', '.join(adapters)}); "
-                         "choose another name or unload_lora_weights() first")
+@dataclass
+class Adapter:
+    """A loaded LoRA: its checked halves, kept so that it can be merged again at other weights."""
+    source: str
+    layers: list[LoraLayer]
+    weights: dict[str, float]  # model name -> its weight there (load_lora_weights' scale, then set_adapters')
+    fused: set[str]            # the models fuse_lora fused it into
+    active: bool = True
+
+    def factor(self, model: str, call_scale: float) -> float:
+        """What its delta in `model` is multiplied by: fused, its weight (as PEFT's merge, active or
+        not); else, while active, its weight x the call's cross_attention_kwargs scale."""
+        if model in self.fused:
+            return self.weights[model]
+        return self.weights[model] * call_scale if self.active else 0.0
+
+
+@dataclass
+class LoraState:
+    adapters: dict[str, Adapter]  # in load order
+    active: list[str]             # get_active_adapters(), in set_adapters' order
+    call_scale: float = 1.0       # the scale the unfused adapters are merged at (the last call's)
+
+    def snapshot(self) -> LoraState:
+        copies = {n: Adapter(a.source, a.layers, dict(a.weights), set(a.fused), a.active)
+                  for n, a in self.adapters.items()}
+        return LoraState(copies, list(self.active), self.call_scale)
+
+
+def lora_state(pipe) -> LoraState:
+    """The pipeline's LoRA bookkeeping: `lora_state` (the adapters), `lora_adapters` (name ->
+    (source, scale), public) and `lora_originals` ((model, path) -> (weak reference to the model,
+    the weight before any LoRA, on the CPU))."""
+    vars(pipe).setdefault("lora_adapters", {})
+    vars(pipe).setdefault("lora_originals", {})
+    return vars(pipe).setdefault("lora_state", LoraState({}, []))
+
+
+def publish(pipe, state: LoraState) -> None:
+    """pipe.lora_adapters from the state: name -> (source, weight), the weight a dict by model
+    where set_adapters gave the models different ones."""
+    pipe.lora_adapters.clear()
+    for name, a in state.adapters.items():
+        weights = set(a.weights.values())
+        pipe.lora_adapters[name] = (a.source, weights.pop() if len(weights) == 1 else dict(a.weights))
+
+
+def refuse_replaced(pipe) -> None:
+    """Merging again needs the models the originals were taken from: refused once one was replaced."""
     models = lora_models(pipe)
+    originals = pipe.lora_originals
     replaced = sorted({name for (name, _), (model, _) in originals.items() if model() is not models.get(name)})
     if replaced:
-        raise ValueError(f"pipe.{replaced[0]} was replaced after a LoRA was loaded ({', '.join(adapters)}); "
+        raise ValueError(f"pipe.{replaced[0]} was replaced after a LoRA was loaded ({', '.join(pipe.lora_adapters)}); "
                          "unload_lora_weights() before loading another")
-    layers = lora_layers(lora, models)
-    modules = {name: dict(model.named_modules()) for name, model in models.items()}
-    merged = []  # ((model, path), weight, its value before this LoRA on the CPU): to undo on failure
+
+
+def remerge(pipe, state: LoraState, keys, error=ValueError) -> None:
+    """Each weight of `keys` ((model, path)) computed again from its original: W0 + the sum over the
+    adapters, in load order, of factor * alpha / rank * up @ down, in float32, cast to the weight's
+    dtype once. The same state gives the same bits: nothing drifts however often it runs."""
+    terms: dict[tuple[str, str], list] = {}
+    for name, a in state.adapters.items():
+        for layer in a.layers:
+            terms.setdefault((layer.model, layer.path), []).append((name, a, layer))
+    for key, found in terms.items():
+        # as PEFT runs a layer holding a fused adapter: its weight only, the unfused adapters skipped
+        fused = any(key[0] in a.fused for _, a, _ in found)
+        terms[key] = [(name, a.factor(key[0], state.call_scale) if key[0] in a.fused or not fused else 0.0, layer)
+                      for name, a, layer in found]
+    with torch.no_grad():
+        for key in keys:
+            model, original = pipe.lora_originals[key]
+            weight = model().get_submodule(key[1]).weight
+            merged = original.float().to(weight.device)
+            for _, factor, layer in terms.get(key, []):
+                if factor:
+                    delta = layer.up.flatten(1) @ layer.down.flatten(1)  # (out, in * kh * kw), float32
+                    merged = merged + (factor * layer.alpha / layer.down.shape[0]) * delta.view(weight.shape).to(
+                        weight.device)
+            new = merged.to(weight.dtype)
+            if not torch.isfinite(new).all():
+                how = ", ".join(f"{n} x {f:g} (alpha {layer.alpha:g})" for n, f, layer in terms.get(key, []) if f)
+                raise error(f"{key[0]}.{key[1]}: merged with {how}, the weight is no longer finite in {weight.dtype}")
+            weight.copy_(new)
+
+
+def change(pipe, edit, keys=None, error=ValueError) -> None:
+    """Apply `edit(state)` and merge the weights again (`keys`, default every LoRA-touched weight);
+    if a merged weight is not finite, the state before and its weights come back, bit for bit.
+    Weights no adapter touches any more are back to their originals and forgotten."""
+    state = lora_state(pipe)
+    before = state.snapshot()
+    edit(state)
+    keys = list(pipe.lora_originals) if keys is None else keys
     try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = modules[layer.model][layer.path].weight
-                rank = layer.down.shape[0]
-                delta = layer.up.flatten(1) @ layer.down.flatten(1)  # (out, in * kh * kw), float32
-                delta = (scale * layer.alpha / rank) * delta.view(weight.shape).to(weight.device)
-                new = (weight.float() + delta).to(weight.dtype)
-                if not torch.isfinite(new).all():
-                    raise CheckpointError(f"{lora.name}: {layer.model}.{layer.path}: merged with scale {scale} and alpha "
-                                          f"{layer.alpha}, the weight is no longer finite in {weight.dtype}")
-                merged.append(((layer.model, layer.path), weight, weight.detach().to("cpu", copy=True)))
-                weight.copy_(new)
+        remerge(pipe, state, keys, error)
     except BaseException:
-        with torch.no_grad():
-            for _, weight, before in merged:
-                weight.copy_(before)
+        vars(pipe)["lora_state"] = before
+        remerge(pipe, before, keys)
+        forget_untouched(pipe, before)
         raise
-    for (name, path), _, before in merged:
-        originals.setdefault((name, path), (weakref.ref(models[name]), before))
-    adapters[adapter_name] = (lora.name, scale)
+    forget_untouched(pipe, state)
+    publish(pipe, state)
+
+
+def forget_untouched(pipe, state: LoraState) -> None:
+    touched = {(layer.model, layer.path) for a in state.adapters.values() for layer in a.layers}
+    for key in [k for k in pipe.lora_originals if k not in touched]:
+        del pipe.lora_originals[key]
+
+
+def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = None) -> str:
+    """Merge a LoRA into the pipeline's weights at `scale`, active; returns its adapter name.
+    Everything is checked before the first weight changes; a merged weight that is not finite (a
+    scale or alpha too large for the weight's dtype) undoes the layers merged before it. Refused
+    while a model a loaded LoRA was merged into has been replaced (pipe.unet = other):
+    unfuse_all first. The caller holds the pipeline's call lock."""
+    if not scale_ok(scale):
+        raise ValueError(f"{lora.name}: scale must be {SCALES}, got {scale!r:.40}")
+    state = lora_state(pipe)
+    if adapter_name is None:
+        adapter_name = f"default_{len(state.adapters)}"  # diffusers' names
+        while adapter_name in state.adapters:
+            adapter_name += "_"
+    if not isinstance(adapter_name, str) or adapter_name in state.adapters:
+        raise ValueError(f"adapter_name {adapter_name!r} is already loaded (loaded: {', '.join(state.adapters)}); "
+                         "choose another name or unload_lora_weights() first")
+    refuse_replaced(pipe)
+    models = lora_models(pipe)
+    layers = lora_layers(lora, models)
+    keys = list(dict.fromkeys((layer.model, layer.path) for layer in layers))
+    for name, path in keys:
+        if (name, path) not in pipe.lora_originals:
+            weight = models[name].get_submodule(path).weight
+            pipe.lora_originals[(name, path)] = (weakref.ref(models[name]), weight.detach().to("cpu", copy=True))
+    adapter = Adapter(lora.name, layers, {name: float(scale) for name in {layer.model for layer in layers}}, set())
+
+    def add(state):
+        state.adapters[adapter_name] = adapter
+        state.active.append(adapter_name)
+
+    change(pipe, add, keys, error=lambda message: CheckpointError(f"{lora.name}: {message}"))
     return adapter_name
 
 
@@ -439,24 +536,220 @@ def unfuse_all(pipe) -> None:
                 model.get_submodule(path).weight.copy_(original)
     originals.clear()
     vars(pipe).get("lora_adapters", {}).clear()
+    vars(pipe).pop("lora_state", None)
+
+
+def unload(pipe) -> None:
+    """diffusers' unload_lora_weights: what fuse_lora fused stays in the weights (as diffusers
+    keeps a fused LoRA after unloading), the rest of every LoRA goes; with nothing fused, every
+    weight is back to its original bit for bit (unfuse_all)."""
+    state = vars(pipe).get("lora_state")
+    if state is None or not any(a.fused for a in state.adapters.values()):
+        return unfuse_all(pipe)
+    refuse_replaced(pipe)
+
+    def keep_fused(state):
+        for a in state.adapters.values():
+            a.active = False  # unfused parts contribute nothing; fused ones stay
+
+    change(pipe, keep_fused)
+    pipe.lora_originals.clear()  # the fused weights are the weights now
+    pipe.lora_adapters.clear()
+    del vars(pipe)["lora_state"]
+
+
+def call_scale(pipe, cross_attention_kwargs) -> None:
+    """diffusers' cross_attention_kwargs={"scale": s} of one call: the unfused adapters merged at
+    weight x s (all models, text encoders too, as diffusers' lora_scale), fused ones unchanged. The
+    weights keep that merge after the call; the next call merges again only if its scale differs.
+    Checked here, before anything is encoded. The caller holds the pipeline's call lock."""
+    if cross_attention_kwargs is None:
+        scale = 1.0
+    elif not isinstance(cross_attention_kwargs, dict):
+        raise TypeError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
+    elif set(cross_attention_kwargs) - {"scale"}:
+        raise ValueError(f"cross_attention_kwargs: only 'scale' (the LoRA scale) is supported, got "
+                         f"{some(sorted(map(repr, set(cross_attention_kwargs) - {'scale'})))}")
+    else:
+        scale = cross_attention_kwargs.get("scale", 1.0)
+        if not scale_ok(scale):
+            raise ValueError(f"cross_attention_kwargs['scale'] must be {SCALES}, got {scale!r:.40}")
+    state = vars(pipe).get("lora_state")
+    if state is None or float(scale) == state.call_scale:
+        return
+    refuse_replaced(pipe)
+    change(pipe, lambda state: setattr(state, "call_scale", float(scale)))
+
+
+# ----------------------------------------------------------------------------- diffusers' adapter methods
+
+def adapter_names(state: LoraState, names, what: str = "adapter_names") -> list[str]:
+    """One name or a list of them, each loaded, none twice."""
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be an adapter name or a list of them, got {type(names).__name__}")
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        loaded = ", ".join(state.adapters) or "none"
+        raise ValueError(f"{what}: {some(map(repr, unknown))} not loaded (loaded: {loaded})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} names an adapter twice: {list(names)}")
+    return list(names)
+
+
+def model_weights(adapter: Adapter, weight, name: str) -> dict[str, float]:
+    """set_adapters' weight of one adapter by model: one number for all its models, or diffusers'
+    dict by part ({"unet": 0.5, "text_encoder": 1.0}; a part not named gets 1.0)."""
+    if weight is None:
+        weight = 1.0
+    if not isinstance(weight, dict):
+        weight = {model: weight for model in adapter.weights}
+    unknown = set(weight) - set(adapter.weights)
+    if unknown:
+        raise ValueError(f"adapter_weights of {name!r}: {some(sorted(map(repr, unknown)))} is not a part it adapts "
+                         f"(it adapts {', '.join(adapter.weights)})")
+    for model, w in weight.items():
+        if isinstance(w, (dict, list)):
+            raise ValueError(f"adapter_weights of {name!r}: per-block weights ({model}: {type(w).__name__}) are not "
+                             "supported, only one number per part")
+        if not scale_ok(w):
+            raise ValueError(f"adapter_weights of {name!r}: {model}'s weight must be {SCALES}, got {w!r:.40}")
+    return {model: float(weight.get(model, 1.0)) for model in adapter.weights}
+
+
+def set_adapters(pipe, names, adapter_weights=None) -> None:
+    """diffusers' set_adapters: exactly these adapters active, at these weights (default 1.0; one
+    number for all, one per adapter, or a dict by part); the others stay loaded, inactive. The
+    weights are merged again from the originals (exact: no drift)."""
+    state = lora_state(pipe)
+    names = adapter_names(state, names)
+    weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} adapter_weights for {len(names)} adapters: give one per adapter")
+    new = {n: model_weights(state.adapters[n], w, n) for n, w in zip(names, weights)}
+    refuse_replaced(pipe)
+
+    def edit(state):
+        for name, a in state.adapters.items():
+            a.active = name in new
+            a.weights = new.get(name, a.weights)
+        state.active = names
+
+    change(pipe, edit)
+
+
+def delete_adapters(pipe, names) -> None:
+    """diffusers' delete_adapters: these adapters leave the weights and are forgotten; a weight no
+    adapter touches any more is its original again, bit for bit."""
+    state = lora_state(pipe)
+    names = adapter_names(state, names)
+    refuse_replaced(pipe)
+
+    def edit(state):
+        for name in names:
+            del state.adapters[name]
+        state.active = [n for n in state.active if n not in names]
+
+    change(pipe, edit)
+
+
+def fuse_parts(pipe, components, lora_scale: float, names, fuse_it: bool) -> None:
+    """fuse_lora / unfuse_lora on `components` (default: every part a LoRA adapts)."""
+    state = lora_state(pipe)
+    models = sorted({layer.model for a in state.adapters.values() for layer in a.layers})
+    if components is None:
+        components = models
+    if isinstance(components, str) or not all(isinstance(c, str) for c in components):
+        raise TypeError("components must be a list of part names, e.g. ['unet', 'text_encoder']")
+    unknown = [c for c in components if c not in lora_models(pipe)]
+    if unknown:
+        raise ValueError(f"components: {some(map(repr, unknown))} is not a part of this pipeline "
+                         f"({', '.join(lora_models(pipe))})")
+    if not scale_ok(lora_scale):
+        raise ValueError(f"lora_scale must be {SCALES}, got {lora_scale!r:.40}")
+    names = list(state.active) if names is None else adapter_names(state, names)
+    refuse_replaced(pipe)
+
+    fused = sorted({f"{n} ({m})" for n in names for m in set(components) & state.adapters[n].fused})
+    if fuse_it and fused:
+        warnings.warn(f"{', '.join(fused)} already fused: left as they are; unfuse_lora() first to fuse again",
+                      stacklevel=4)
+
+    def edit(state):
+        for model in components:
+            for name, a in state.adapters.items():
+                if not fuse_it:
+                    a.fused.discard(model)
+                elif model in a.weights and not fused:
+                    # diffusers (PEFT's scale_layer) scales every active adapter of the part, fused
+                    # or not, and unfuse_lora keeps that scale: so here
+                    a.weights[model] *= float(lora_scale) if a.active else 1.0
+                    if name in names:
+                        a.fused.add(model)
+
+    change(pipe, edit)
 
 
 class LoraMixin:
-    """diffusers' LoRA methods of a pipeline (which holds the models and `exclusive_call`)."""
+    """diffusers' LoRA methods of a pipeline (which holds the models and `exclusive_call`).
+
+    LoRAs are merged into the weights here (see the module's docstring); each method below merges
+    them again from the saved originals and the LoRA halves, so its result is exact (the weights
+    equal a fresh load at the same weights, bit for bit) and the UNet runs as fast as without one."""
 
     def load_lora_weights(self, path_or_repo_id, weight_name: str | None = None, scale: float = 1.0,
                           adapter_name: str | None = None, local_files_only: bool = False, cache_dir=None,
                           revision: str | None = None) -> str:
         """Merge a LoRA (a .safetensors file, a folder or hub repo id holding one, or a dict of
-        tensors; diffusers/PEFT or kohya format) into the weights, scaled by `scale`: diffusers'
-        load_lora_weights + fuse_lora. Several LoRAs add up. Returns the adapter name. The file is
-        read first; the weights change under the call lock, never under a running generation.
-        See this module's docstring."""
+        tensors; diffusers/PEFT or kohya format) into the weights at weight `scale`, active (as
+        diffusers' load_lora_weights, with set_adapters' weight given at once). Several LoRAs add
+        up. Returns the adapter name. The file is read first; the weights change under the call
+        lock, never under a running generation. See this module's docstring."""
         lora_file = read_lora(path_or_repo_id, weight_name, local_files_only, cache_dir, revision)
         with self.exclusive_call():
             return fuse(self, lora_file, scale, adapter_name)
 
     def unload_lora_weights(self) -> None:
-        """Every weight a LoRA changed back to its original, bit for bit."""
+        """Every LoRA forgotten and every weight back to its original, bit for bit; a LoRA fused
+        with fuse_lora stays in the weights (diffusers' fuse_lora + unload_lora_weights)."""
         with self.exclusive_call():
-            unfuse_all(self)
+            unload(self)
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' set_adapters: these adapters active at these weights, the others inactive."""
+        with self.exclusive_call():
+            set_adapters(self, adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        """The active adapters' names, as set_adapters last named them (else in load order)."""
+        return list(getattr(self, "lora_state", LoraState({}, [])).active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """Part name -> the adapters loaded into it (diffusers' get_list_adapters)."""
+        listed: dict[str, list[str]] = {}
+        for name, a in getattr(self, "lora_state", LoraState({}, [])).adapters.items():
+            for model in a.weights:
+                listed.setdefault(model, []).append(name)
+        return listed
+
+    def delete_adapters(self, adapter_names) -> None:
+        """These adapters out of the weights and forgotten."""
+        with self.exclusive_call():
+            delete_adapters(self, adapter_names)
+
+    def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names=None) -> None:
+        """diffusers' fuse_lora: the adapters (default: the active ones) fixed into the weights of
+        `components` (default: every part they adapt). As in diffusers, lora_scale multiplies the
+        weight of every active adapter of those parts, and that stays after unfuse_lora (until
+        set_adapters). A fused adapter ignores set_adapters' activity and a call's
+        cross_attention_kwargs scale until unfuse_lora(); unload_lora_weights() then keeps it in the
+        weights. safe_fusing is accepted: every merge here is checked for NaN and inf."""
+        with self.exclusive_call():
+            fuse_parts(self, components, lora_scale, adapter_names, fuse_it=True)
+
+    def unfuse_lora(self, components=None) -> None:
+        """Undo fuse_lora: the adapters follow their activity and the call's scale again (at the
+        weights fuse_lora's lora_scale left them, as in diffusers)."""
+        with self.exclusive_call():
+            fuse_parts(self, components, 1.0, list(lora_state(self).adapters), fuse_it=False)

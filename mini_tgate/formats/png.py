@@ -341,6 +341,28 @@ def _quote(value) -> str:  # AUTOMATIC1111 quotes a value that would break its "
     return json.dumps(value, ensure_ascii=False) if any(ch in value for ch in ",:\n") else value
 
 
+def _lora_hashes(hashes) -> str | None:
+    """A1111's "Lora hashes" value, "name1: hash1, name2: hash2" (quoted as a whole by _quote):
+    each name without ":" and "," (A1111 removes them, so its reader can split the value)."""
+    if not hashes:
+        return None
+    if isinstance(hashes, str):
+        return hashes
+    return ", ".join(f"{str(name).translate(NO_SEPARATORS)}: {h}" for name, h in hashes.items())
+
+
+NO_SEPARATORS = str.maketrans("", "", ":,")
+
+
+def _emphasis(emphasis, prompt, negative) -> str | None:
+    """A1111's "Emphasis": its mode's name when not the default "Original", and only when a
+    prompt uses "(" or "[" (sd_hijack_clip: its reader takes "Original" for such a prompt
+    without the field)."""
+    name = ("Original" if emphasis else "None") if isinstance(emphasis, bool) else emphasis
+    used = any(ch in (text or "") for text in (prompt, negative) for ch in "([")
+    return name if name not in (None, "Original") and used else None
+
+
 def _short_model_name(model: str) -> str:
     """"org/repo" and relative names as given; an absolute local path (POSIX or Windows) by its
     last component, so a PNG does not carry the user's folder layout."""
@@ -364,6 +386,12 @@ def format_parameters(params: dict) -> dict[str, str]:
       model           a short name ("tiny-shapes", "org/repo"); an absolute path keeps its last part
       model_hash      A1111's short hash (10 hex digits), model_revision: the hub commit
       batch_size, batch_pos   written (A1111's "Batch size", "Batch pos") when batch_size > 1
+      rng             A1111's "RNG", the noise's source: "CPU" (a torch.Generator on the CPU, as the
+                      CLI draws it), written unless A1111's default "GPU"
+      lora_hashes     {name: A1111's short LoRA hash (hub.lora_hash)}: A1111's "Lora hashes"
+      emphasis        A1111's prompt emphasis: "Original" (or True: applied; not written, A1111's
+                      default) or "None" (or False: the text taken literally), written as A1111 does
+                      only when the prompt or negative prompt holds "(" or "["
       width, height   the size of the saved image (of the grid, for a grid)
       dtype           a torch.dtype or its name; version: default this package's
     Returns {"parameters": AUTOMATIC1111's text, "mini_tgate": the same as JSON}. The last line of
@@ -392,6 +420,9 @@ def format_parameters(params: dict) -> dict[str, str]:
         "Batch size": p["batch_size"] if batch else None,
         "Batch pos": p.get("batch_pos") if batch else None,
         "Denoising strength": p.get("strength"),
+        "RNG": p.get("rng") if p.get("rng") != "GPU" else None,  # A1111 writes its source unless the default GPU
+        "Lora hashes": _lora_hashes(p.get("lora_hashes")),
+        "Emphasis": _emphasis(p.get("emphasis"), p.get("prompt"), p.get("negative_prompt")),
         **{f"TGATE {k.replace('_', ' ')}": v for k, v in (p.get("tgate") or {}).items()},
         **{f"DeepCache {k}": v for k, v in (p.get("deepcache") or {}).items()},
         "Model revision": p.get("model_revision"),

@@ -65,3 +65,13 @@ def save_video_pipeline(pipe, folder: Path) -> None:
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     save_scheduler(pipe, folder, index)
     write_json(folder / "model_index.json", index)
+
+
+class SaveMixin:
+    """diffusers' `pipe.save_pretrained(folder)` for the pipeline classes (save_pipeline)."""
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None) -> None:
+        """Write the pipeline as a complete diffusers folder (save_pipeline): safetensors only, no variant."""
+        if safe_serialization is not True or variant is not None:
+            raise ValueError("save_pretrained writes plain safetensors only: safe_serialization=True, variant=None")
+        save_pipeline(self, save_directory)

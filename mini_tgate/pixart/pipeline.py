@@ -12,6 +12,7 @@ from ..core.pipeline import DiffusionPipeline
 from ..core.schedulers import Scheduler
 from ..core.vae import AutoencoderKL
 from ..formats.lora import LoraMixin
+from ..formats.save import SaveMixin
 from .t5 import T5EncoderModel, preprocess_prompt
 from .tokenizer import T5Tokenizer
 from .transformer import PixArtTransformer2DModel
@@ -37,7 +38,7 @@ def aspect_ratio_bin(height: int, width: int, bins, unit: int) -> tuple[int, int
     return h * unit, w * unit
 
 
-class PixArtAlphaPipeline(LoraMixin, DiffusionPipeline):
+class PixArtAlphaPipeline(LoraMixin, SaveMixin, DiffusionPipeline):
     """PixArt-Alpha: a transformer (DiT) denoiser on T5 text (diffusers' PixArtAlphaPipeline).
 
     The prompt is lower-cased and stripped (diffusers' caption cleaning with bs4/ftfy is not done),
@@ -48,6 +49,7 @@ class PixArtAlphaPipeline(LoraMixin, DiffusionPipeline):
     and centre-cropped back to it. The learned-sigma half of the transformer's output is dropped."""
 
     model_index_names = ("PixArtAlphaPipeline",)
+    default_steps = 20
     default_guidance_scale = 4.5
     max_sequence_length = 120  # Alpha's T5 text length; Sigma's is 300
     bin_tables = {32: ASPECT_RATIO_BINS, 64: ASPECT_RATIO_BINS, 128: ASPECT_RATIO_BINS}  # by sample_size
@@ -60,7 +62,7 @@ class PixArtAlphaPipeline(LoraMixin, DiffusionPipeline):
         self.transformer = transformer
 
     @classmethod
-    def components(cls, folder: Path, index: dict, kw: dict) -> dict:
+    def load_components(cls, folder: Path, index: dict, kw: dict) -> dict:
         # (Alpha checkpoints name the transformer's class Transformer2DModel)
         return dict(transformer=PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", **kw),
                     text_encoder=T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", **kw),

@@ -41,7 +41,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import Unigram
 
 from ..core.bounds import MAX_EXTRA_IDS, MAX_MODEL_MAX_LENGTH, MAX_SPIECE_BYTES, MAX_T5_PROMPT_CHARS, int_in
-from ..core.tokenizer import CLIPTokenizer, check_model_max_length, config_max_length, tokenizer_folder
+from ..core.tokenizer import (FOLDER_OR_TOKENIZER, CLIPTokenizer, check_model_max_length, config_max_length,
+                              tokenizer_folder)
 from ..core.weights import CheckpointError, read_json, write_json
 
 
@@ -180,11 +181,14 @@ class T5Tokenizer:
     token_id = CLIPTokenizer.token_id  # the same lookup, with the same error
 
     @classmethod
-    def from_pretrained(cls, source, subfolder: str | None = "tokenizer", local_files_only: bool = False,
+    def from_pretrained(cls, source, subfolder: str | None = FOLDER_OR_TOKENIZER, local_files_only: bool = False,
                         cache_dir=None, revision: str | None = None) -> T5Tokenizer:
         """The tokenizer of a folder or hub repo: `tokenizer.json`, or else `spiece.model`, with
-        `tokenizer_config.json` / `special_tokens_map.json` naming the special tokens."""
-        folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision)
+        `tokenizer_config.json` / `special_tokens_map.json` naming the special tokens. As in
+        transformers, a folder that itself holds them is read as it is; without `subfolder`, a
+        pipeline's folder is read at its tokenizer/."""
+        folder = tokenizer_folder(source, subfolder, local_files_only, cache_dir, revision,
+                                  ("tokenizer.json", "spiece.model"))
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second wins, as in transformers
             if (folder / name).is_file():

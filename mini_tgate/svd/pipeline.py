@@ -34,17 +34,19 @@ from ..core.pipeline import DiffusionPipeline, PipelineOutput, half_hint
 from ..core.runtime import on_device
 from ..core.schedulers import Scheduler, randn_tensor
 from ..core.weights import CheckpointError, read_json
+from ..formats.save import SaveMixin
 from .clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionModelWithProjection, preprocess_image
 from .unet import UNetSpatioTemporalConditionModel
 from .vae import AutoencoderKLTemporalDecoder
 
 
-class StableVideoDiffusionPipeline(DiffusionPipeline):
+class StableVideoDiffusionPipeline(SaveMixin, DiffusionPipeline):
     """Image to video: SVD (14 frames) and SVD-XT (25). Parts: unet, vae (temporal decoder),
     image_encoder (CLIP vision), scheduler (Euler, continuous timesteps); the feature extractor's
     mean and std."""
 
     model_index_names = ("StableVideoDiffusionPipeline",)
+    default_steps = 25  # diffusers' SVD default
     vae_class = AutoencoderKLTemporalDecoder
     gated_branch = "cond"  # TgateSVDLoader: after the gate the image branch runs alone
 
@@ -56,7 +58,7 @@ class StableVideoDiffusionPipeline(DiffusionPipeline):
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # CLIP's input normalisation
 
     @classmethod
-    def components(cls, folder: Path, index: dict, kw: dict) -> dict:
+    def load_components(cls, folder: Path, index: dict, kw: dict) -> dict:
         path = folder / "feature_extractor" / "preprocessor_config.json"  # CLIPImageProcessor's: mean, std
         extractor = read_json(path)
         mean, std = extractor.get("image_mean", CLIP_MEAN), extractor.get("image_std", CLIP_STD)
@@ -80,14 +82,16 @@ class StableVideoDiffusionPipeline(DiffusionPipeline):
                  decode_chunk_size: int | None = None, generator=None, latents: torch.Tensor | None = None,
                  tgate=None, output_type: str = "np", deepcache=None, progress: bool | None = None,
                  sigmas: list | None = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)) -> PipelineOutput:
+                 callback_on_step_end_tensor_inputs=("latents",), return_dict: bool = True) -> PipelineOutput:
         """A video of `image` (a PIL image, uint8 array (H, W, 3), float tensor (1, 3, H, W) in [0, 1],
         or a file; an array or tensor of N images makes N videos). Its `.frames` (`.images`) are
         (N, F, H, W, 3) in [0, 1] for "np", (N, F, 3, H, W) for "pt", the latents for "latent".
         height/width None: the UNet's sample_size times the VAE's factor; num_frames None: the
-        UNet's; decode_chunk_size None: all frames of a video at once. The rest as in the core's call."""
-        c = check_video_call(self, **{name: value for name, value in locals().items() if name != "self"})
-        return self.generate(c)
+        UNet's; decode_chunk_size None: all frames of a video at once. The rest as in the core's call;
+        return_dict=False returns the frames alone (diffusers' SVD: not a tuple)."""
+        c = check_video_call(self, **{k: v for k, v in locals().items() if k not in ("self", "return_dict")})
+        out = self.generate(c)
+        return out if return_dict else out.frames
 
     def encode(self, c: Call) -> tuple[dict, dict | None]:
         """The UNet's conditioning (diffusers' _encode_image, _encode_vae_image, _get_add_time_ids):

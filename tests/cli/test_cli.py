@@ -106,22 +106,24 @@ def test_compare_saves_both_runs_and_their_difference(pipe, tmp_path):
     r = cli("generate", "a red cat", "--steps", 6, "--gate-step", 3, "--scheduler", "euler", "--compare",
             "--seed", 0, "--out", "cmp.png", cwd=tmp_path, env={"TQDM_MININTERVAL": "0"})
     assert r.returncode == 0, r.stderr
-    assert "no gate:" in r.stdout and "TGATE:" in r.stdout
-    # the speed-up is timed on a second pair of runs, after both paths ran once (a warm-up)
-    bars = progress_bars(r.stderr, 6)
-    assert "after a warm-up" in r.stdout and len(bars) == 4 and all("| 6/6 [" in bar for bar in bars)
+    assert "no gate:" in r.stdout and re.search(r"^TGATE: [\d.]+x (faster|slower) \(", r.stdout, re.M)
+    # one bar for the whole run: the saved pair, then COMPARE_TIMED_RUNS (2) timed pairs after that warm-up
+    bars = progress_bars(r.stderr, 6 * 6)
+    assert "after a warm-up" in r.stdout and len(bars) == 1 and "| 36/36 [" in bars[0]
     image = pixels(tmp_path / "cmp.png")
-    assert image.shape == (64, 3 * 64, 3)
+    strip = image.shape[0] - 64  # the panels' labels, above them
+    assert image.shape[1:] == (3 * 64, 3) and 8 <= strip <= 32
     params = params_of(tmp_path / "cmp.png")
-    assert (params["width"], params["height"]) == (3 * 64, 64)  # the real size of the saved image
+    assert (params["width"], params["height"]) == (3 * 64, 64 + strip)  # the real size of the saved image
     pipe.scheduler, ddim = EulerDiscreteScheduler.from_config(pipe.scheduler.config), pipe.scheduler
     try:
         plain = expected(pipe, "a red cat", 6, tgate=None)[0]
         gated = expected(pipe, "a red cat", 6, tgate=TGate(3, 5, 1, 2))[0]
     finally:
         pipe.scheduler = ddim
-    assert same_image(image[:, :64], plain) and same_image(image[:, 64:128], gated)
-    assert not np.array_equal(plain, gated) and image[:, 128:].max() > 0
+    panels = image[strip:]
+    assert same_image(panels[:, :64], plain) and same_image(panels[:, 64:128], gated)
+    assert not np.array_equal(plain, gated) and panels[:, 128:].max() > 0
 
 
 def test_several_images_numbered_files_and_a_grid(pipe, tmp_path):
@@ -239,6 +241,8 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", out_of_memory)
     rc, _, err = in_process("generate", "a cat", "--steps", 1, "--out", "x.png", capsys=capsys)
+    # the run's progress bar had started (at 0/1): one line besides it
+    err = "".join(line + "\n" for line in err.splitlines() if line.strip() and not re.search(r"\| *\d+/\d+ \[", line))
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: out of memory on this device: CUDA out of memory. Tried to allocate 12.50 GiB.")
     assert "--batch-size" in err and not (tmp_path / "x.png").exists()

@@ -7,7 +7,9 @@ extensions-builtin/Lora/networks.py (a name tagged twice is applied twice at its
 bad tags are one line on stderr before the model loads. As in A1111, only prompts are read for
 tags: in a negative prompt a tag is text."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +59,13 @@ def pixels(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def addnet_hash(stem):
+    """A1111's short LoRA hash, computed here from its definition (modules/hashes.py,
+    addnet_hash_safetensors): the SHA-256 of the file after its header, 12 hex digits."""
+    data = Path(f"{stem}.safetensors").read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
 def generate(model, out, *args):
     rc = main(["generate", *args, "--model", str(model), "--steps", "3", "--seed", "5", "--no-tgate",
                "--out", str(out)])
@@ -91,6 +100,9 @@ def test_tag_makes_the_image_of_the_lora_option(model, lora_dir, tmp_path, capsy
     assert text["parameters"].split("\n")[:2] == [f"{PROMPT} {tag}", f"Negative prompt: {negative}"]
     params = json.loads(text["mini_tgate"])
     assert params["loras"] == [{"lora": f"{lora_dir / NAME}.safetensors", "scale": 0.7}]
+    # A1111's "Lora hashes": the tag's NAME and the addnet hash, quoted as A1111 quotes the value
+    assert f'RNG: CPU, Lora hashes: "{NAME}: {addnet_hash(lora_dir / NAME)}", ' in text["parameters"]
+    assert params["lora_hashes"] == json.loads(read_png_text(tmp_path / "option.png")["mini_tgate"])["lora_hashes"]
 
 
 def test_a_tag_in_a_negative_prompt_is_text(model, lora_dir, tmp_path):
@@ -167,6 +179,7 @@ def test_batch_tags_match_the_lora_option_and_reruns_check_them(model, lora_dir,
     records = [json.loads(line) for line in (tmp_path / "tagged" / "manifest.jsonl").read_text().splitlines()]
     assert records[1]["prompt"] == f"a yellow square on a green background {tag}"
     assert records[1]["parameters"]["loras"] == [{"lora": f"{lora_dir / NAME}.safetensors", "scale": 0.7}]
+    assert records[1]["parameters"]["lora_hashes"] == {NAME: addnet_hash(lora_dir / NAME)}
     capsys.readouterr()
     # a rerun with the LoRAs from another folder is refused, naming it
     other = tmp_path / "other-loras"

@@ -43,7 +43,8 @@ def run(*args, capsys):
 
 
 def expected(pipe, image, seed, tgate=None, **kw):
-    out = pipe(str(image), generator=torch.Generator().manual_seed(seed), tgate=tgate, output_type="np", **kw)
+    out = pipe(str(image), generator=torch.Generator().manual_seed(seed), tgate=tgate, output_type="np", progress=False,
+               **kw)
     return [to_uint8(f) for f in out.frames[0]]
 
 

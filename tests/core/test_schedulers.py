@@ -18,7 +18,7 @@ SHAPE = (2, 4, 8, 8)
 STEPS = (1, 4, 10, 25)
 
 # The scheduler_config.json files real checkpoints ship.
-SD15 = {  # runwayml/stable-diffusion-v1-5: a PNDM config, which falls back to DDIM here
+SD15 = {  # runwayml/stable-diffusion-v1-5: a PNDM config
     "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
@@ -164,15 +164,16 @@ def test_trailing_quirk(class_name):
     assert len(ours.timesteps) == 62 and ours.timesteps[-1] == -1
 
 
-def test_pndm_falls_back_to_ddim_with_a_warning():
-    with pytest.warns(UserWarning, match="PNDMScheduler"):
-        ours = S.scheduler_from_config(SD15)
+def test_unknown_class_falls_back_to_ddim_with_a_warning():
+    config = {**SD15, "_class_name": "KDPM2DiscreteScheduler"}
+    with pytest.warns(UserWarning, match="KDPM2DiscreteScheduler"):
+        ours = S.scheduler_from_config(config)
     assert type(ours) is S.DDIMScheduler
     assert (ours.config.steps_offset, ours.config.set_alpha_to_one, ours.config.beta_schedule) == (1, False, "scaled_linear")
-    assert max(run(ours, reference("DDIMScheduler", SD15), 25).values()) <= TOL
+    assert max(run(ours, reference("DDIMScheduler", config), 25).values()) <= TOL
 
 
-@pytest.mark.parametrize("config", [SD21, SDXL, LCM], ids=["ddim", "euler", "lcm"])
+@pytest.mark.parametrize("config", [SD21, SDXL, LCM, SD15], ids=["ddim", "euler", "lcm", "pndm"])
 def test_scheduler_from_config_picks_the_named_class(config):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -255,7 +256,7 @@ def test_bad_arguments(cls):
         (S.DDIMScheduler, {"thresholding": True}, "thresholding"),
         (S.LCMScheduler, {"thresholding": True}, "thresholding"),
         (S.DPMSolverMultistepScheduler, {"thresholding": True}, "thresholding"),
-        (S.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        (S.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
         (S.DPMSolverMultistepScheduler, {"solver_order": 3}, "solver_order"),
         (S.DPMSolverMultistepScheduler, {"use_lu_lambdas": True}, "use_lu_lambdas"),
         (S.EulerDiscreteScheduler, {"interpolation_type": "log_linear"}, "interpolation_type"),
@@ -459,8 +460,8 @@ def test_dpm_2m_without_karras_overrides_the_checkpoint():
 
 
 def test_unknown_scheduler_name():
-    with pytest.raises(ValueError, match="unknown scheduler 'heun'; choose one of: DDIM, Euler, Euler a, DPM"):
-        S.scheduler_by_name("heun", SD15)
+    with pytest.raises(ValueError, match="unknown scheduler 'dpm2'; choose one of: DDIM, Euler, Euler a, DPM"):
+        S.scheduler_by_name("dpm2", SD15)
     with pytest.raises(TypeError):
         S.scheduler_by_name(None, SD15)
 

@@ -6,40 +6,18 @@ and bit for bit against the usual caches; the addresses; the buffers remade only
 change. The CUDA-graph run itself is the last test, on a GPU only."""
 
 import copy
-import warnings
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 from tgate import TgateSDDeepCacheLoader, TgateSDLoader, TgateSDXLDeepCacheLoader, TgateSDXLLoader
-from tiny_models import save_sd, save_sdxl
+from test_deepcache import max_diff, noise, pipes  # noqa: F401  (pipes: the module's fixture)
 
 from mini_tgate import DeepCache, TGate
 from mini_tgate.core import runtime
-from mini_tgate.loading import load_pipeline
 
 PROMPT = "a red circle on a blue background"
 GATE = (4, 2, 1, 1)  # gate_step, sp_interval, fi_interval, warm_up
-
-
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
-def pipes(request, tmp_path_factory, one_thread):
-    folder = tmp_path_factory.mktemp(request.param)
-    (save_sdxl if request.param == "sdxl" else save_sd)(folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = diffusers.DiffusionPipeline.from_pretrained(folder)
-    ref.set_progress_bar_config(disable=True)
-    return request.param, ref, load_pipeline(folder)
-
-
-def noise(seed=0, batch=1):
-    return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 def caching_modules(pipe):
@@ -102,7 +80,7 @@ def test_buffers_are_made_once_per_shape_and_dropped_for_a_plain_call(pipes, mon
         first = [m.cache for m in caching_modules(ours)]
         ours(PROMPT, latents=noise(1), **kw)  # same shapes: the same buffers, no meta run
         assert len(runs) == 1 and all(a is b for a, b in zip(first, (m.cache for m in caching_modules(ours))))
-        ours([PROMPT, "a tree"], latents=noise(2, batch=2), **kw)  # another batch: new buffers
+        ours([PROMPT, "a tree"], latents=torch.cat([noise(2), noise(3)]), **kw)  # another batch: new buffers
         assert len(runs) == 2
         assert all(m.cache.shape[0] == 4 for m in ours.unet.attention_layers)  # CFG's doubled batch of 2
         ours(PROMPT, latents=noise(), num_inference_steps=6)  # plain: nothing cached, nothing kept

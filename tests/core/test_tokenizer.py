@@ -198,3 +198,38 @@ def test_prompt_that_is_not_valid_text():
             tok(prompts)
     with pytest.raises(TypeError, match="a prompt must be a str, got int"):
         tok(["a cat", 3])
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl2_json"])
+def test_a_folder_holding_the_files_is_read_itself(folders, tmp_path, layout):
+    """transformers' `from_pretrained(folder)`: the folder itself when it holds the tokenizer files;
+    a pipeline's folder (no files of its own) is read at its tokenizer/, as before."""
+    ref = transformers.CLIPTokenizer.from_pretrained(folders[layout])
+    tok = CLIPTokenizer.from_pretrained(folders[layout])
+    prompts = corpus()[:50]
+    assert tok(prompts).tolist() == reference_ids(ref, prompts).tolist()
+    shutil.copytree(folders[layout], tmp_path / "pipe" / "tokenizer")
+    assert CLIPTokenizer.from_pretrained(tmp_path / "pipe")(prompts).tolist() == tok(prompts).tolist()
+    assert CLIPTokenizer.from_pretrained(tmp_path / "pipe" / "tokenizer", subfolder=None).pad_token_id == tok.pad_token_id
+
+
+def test_t5_folder_holding_the_files_is_read_itself(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from mini_tgate.pixart.tokenizer import T5Tokenizer
+
+    rng = random.Random(0)
+    words = "a cat dog on the mat red blue photo of an astronaut riding horse city night rain".split()
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choices(words, k=8)) for _ in range(300)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=40, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    for folder in (tmp_path / "t5", tmp_path / "pipe" / "tokenizer"):
+        folder.mkdir(parents=True)
+        (folder / "spiece.model").write_bytes((tmp_path / "sp.model").read_bytes())
+    ref = transformers.T5Tokenizer.from_pretrained(tmp_path / "t5")
+    prompts = ["a cat on the mat", "a red horse at night", "astronaut"]
+    expected = ref(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    for source in (tmp_path / "t5", tmp_path / "pipe"):  # the folder itself; a pipeline's tokenizer/
+        ids, mask = T5Tokenizer.from_pretrained(source)(prompts, max_length=16)
+        assert ids.tolist() == expected.input_ids.tolist() and mask.tolist() == expected.attention_mask.tolist()

@@ -3,6 +3,7 @@ diffusers' float -> uint8 conversion, and an A1111 `parameters` reader (sd-parse
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -679,3 +680,51 @@ def test_apng_frame_bound(tmp_path):
     assert read_png_text(p) == {"k": "v"} and describe(p).startswith(f"{p}: 2x1 (width x height), RGB")
     with Image.open(p) as im:
         assert im.n_frames == MAX_APNG_FRAMES
+
+
+# ----------------------------------------------------------------------------- RNG, Lora hashes, Emphasis
+
+# A1111's own reader of the last line (modules/infotext_utils.py: re_param_code, unquote) and of
+# "Lora hashes" (extensions-builtin/Lora/lora_script.py: split at "," then at the first ":")
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def a1111_fields(text: str) -> dict:
+    def unquote(v):
+        return json.loads(v) if len(v) > 1 and v[0] == v[-1] == '"' else v
+    return {k: unquote(v) for k, v in A1111_PARAM.findall(text.split("\n")[-1])}
+
+
+def test_rng_lora_hashes_and_emphasis_as_a1111_writes_them():
+    hashes = {"my style.v2": "0123456789ab", "de:tail,er": "ba9876543210"}
+    params = {**A1111, "prompt": "a (cat:1.3), [blurry]", "rng": "CPU", "lora_hashes": hashes, "emphasis": "None"}
+    text = format_parameters(params)["parameters"]
+    # after A1111's fields (RNG), its extra ones (Lora hashes, then Emphasis), before ours
+    assert ('Batch pos: 2, RNG: CPU, Lora hashes: "my style.v2: 0123456789ab, detailer: ba9876543210", '
+            "Emphasis: None, TGATE gate step: 10") in text
+    fields = a1111_fields(text)
+    assert fields["RNG"] == "CPU" and fields["Emphasis"] == "None" and fields["TGATE warm up"] == "2"
+    pasted = {k.strip(): v.strip() for k, v in (x.split(":", 1) for x in fields["Lora hashes"].split(","))}
+    assert pasted == {"my style.v2": "0123456789ab", "detailer": "ba9876543210"}
+    assert json.loads(format_parameters(params)["mini_tgate"])["lora_hashes"] == hashes  # kept as given
+    # what A1111 leaves out: its default RNG (GPU), its default emphasis, and "Emphasis" for a prompt without brackets
+    for extra in ({"rng": "GPU"}, {"emphasis": "Original"}, {"emphasis": True}, {"prompt": "a cat", "emphasis": False},
+                  {"lora_hashes": {}}):
+        line = format_parameters({**params, **extra})["parameters"].split("\n")[-1]
+        left_out = {"rng": "RNG", "emphasis": "Emphasis", "prompt": "Emphasis", "lora_hashes": "Lora hashes"}
+        assert f"{left_out[next(iter(extra))]}:" not in line, extra
+    assert "Emphasis: None" in format_parameters({**params, "emphasis": False})["parameters"]
+    negative_only = {**params, "prompt": "a cat", "negative_prompt": "(blurry)", "emphasis": False}
+    assert "Emphasis: None" in format_parameters(negative_only)["parameters"]
+
+
+def test_new_fields_read_by_sd_parsers(tmp_path):
+    sd_parsers = pytest.importorskip("sd_parsers")
+    p = tmp_path / "a.png"
+    params = {**A1111, "prompt": "a (cat)", "rng": "CPU", "lora_hashes": {"a": "0123456789ab"}, "emphasis": "None"}
+    save_png(p, np.zeros((64, 192, 3), np.uint8), format_parameters(params))
+    info = sd_parsers.ParserManager().parse(str(p))
+    assert info.metadata["RNG"] == "CPU" and info.metadata["Emphasis"] == "None"
+    # sd-parsers splits at every ", " and ": ", even inside A1111's quotes: it reads the "Lora hashes"
+    # of A1111's own files so; the fields after it stay whole
+    assert info.metadata["Version"] == "mini_tgate 0.2.0" and info.metadata["TGATE gate step"] == "10"

@@ -152,7 +152,9 @@ def test_pipeline_class_and_scheduler_fallback(pipes, tmp_path):
     name, _, ours, folder = pipes
     assert isinstance(ours, StableDiffusionXLPipeline) == (name == "sdxl")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    config["_class_name"] = "PNDMScheduler"  # what SD-1.5 ships
-    with pytest.warns(UserWarning, match="PNDMScheduler"):
+    config["_class_name"] = "KDPM2DiscreteScheduler"  # a class not implemented here
+    with pytest.warns(UserWarning, match="KDPM2DiscreteScheduler"):
         scheduler = mini_tgate.scheduler_from_config(config)
     assert isinstance(scheduler, mini_tgate.DDIMScheduler)
+    config["_class_name"] = "PNDMScheduler"  # what SD-1.5 ships: its own, no fallback
+    assert type(mini_tgate.scheduler_from_config(config)).__name__ == "PNDMScheduler"

@@ -179,13 +179,15 @@ def test_progress_bar_config(pipes, capsys):
     kw = dict(prompt=PROMPT, num_inference_steps=2, latents=noise(), output_type="latent")
     try:
         ours(**kw)
-        assert "2/2" not in capsys.readouterr().err  # quiet by default
+        assert "2/2" in capsys.readouterr().err  # shown by default, as diffusers shows it
         ours.set_progress_bar_config(desc="denoising")
         ours(**kw)
         assert "denoising" in capsys.readouterr().err
         ours(progress=False, **kw)
         assert "2/2" not in capsys.readouterr().err
         ours.set_progress_bar_config(disable=True)
+        ours(**kw)
+        assert "2/2" not in capsys.readouterr().err
         ours(progress=True, **kw)
         assert "2/2" in capsys.readouterr().err
     finally:

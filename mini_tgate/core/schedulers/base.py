@@ -96,6 +96,54 @@ def sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
+def multistep_timesteps(config, n: int) -> np.ndarray:
+    """The timesteps of diffusers' multistep solvers (DPM-Solver, UniPC), float64 integers: n of
+    the n + 1 spaced ones with the last (t = 0 or steps_offset) dropped; "trailing": n of them."""
+    if config["timestep_spacing"] == "trailing":
+        return spaced_timesteps(config, n).round()
+    return spaced_timesteps(config, n + 1)[:-1].round()
+
+
+def sigma_schedule(timesteps: np.ndarray, train: np.ndarray, karras: bool, n: int, lo=None, hi=None):
+    """(sigmas, timesteps) of the sigma-space schedulers (Euler, Heun, LMS): sigma_t interpolated
+    at the timesteps, or with `karras` Karras' n sigmas from `lo` to `hi` (by default the
+    interpolated ends) and their fractional timesteps. float64 sigmas, without the final one."""
+    sigmas = np.interp(timesteps, np.arange(len(train)), train)
+    if karras:
+        lo = sigmas[-1].item() if lo is None else lo
+        hi = sigmas[0].item() if hi is None else hi
+        sigmas = karras_sigmas(lo, hi, n)
+        timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
+    return sigmas, timesteps
+
+
+def sigma_x0(kind: str, model_output, x, sigma):
+    """x_0 estimated from the model output at noise level sigma, in the variable
+    x = x_vp sqrt(1 + sigma^2) of the sigma-space schedulers (as diffusers computes it)."""
+    if kind == "epsilon":
+        return x - sigma * model_output
+    if kind == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    return model_output  # "sample"
+
+
+def vp_alpha_sigma_lambda(sigma):
+    """The VP variables of noise level sigma: alpha = 1 / sqrt(1 + sigma^2), sigma_vp = sigma alpha
+    (so x_vp = alpha x_0 + sigma_vp eps) and the half log-SNR lambda = log(alpha / sigma_vp)."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_vp = sigma * alpha
+    return alpha, sigma_vp, torch.log(alpha) - torch.log(sigma_vp)
+
+
+def vp_x0(kind: str, model_output, x, alpha, sigma_vp):
+    """x_0 estimated from the model output at a VP sample x = alpha x_0 + sigma_vp eps."""
+    if kind == "epsilon":
+        return (x - sigma_vp * model_output) / alpha
+    if kind == "v_prediction":
+        return alpha * x - sigma_vp * model_output
+    return model_output  # "sample"
+
+
 def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     """torch.randn drawn as diffusers' `randn_tensor` draws it, so the same generator gives the
     same noise: on the generator's device (a CPU generator serves any device), then moved; a
@@ -174,6 +222,8 @@ class Scheduler:
         check_config_values(type(self).__name__, self.config)
         self.alphas_cumprod = torch.cumprod(1.0 - betas_for(self.config), dim=0)  # abar_t, float32
         self.timesteps, self.num_inference_steps, self.schedule, self.begin_index = None, None, [], 0
+        self.step_index = 0  # the schedulers that count their steps: the next step's index in .timesteps
+        self._reset_state()
 
     @classmethod
     def from_config(cls, config: dict, **overrides):
@@ -231,12 +281,22 @@ class Scheduler:
     def _set(self, timesteps: torch.Tensor, device, num_inference_steps: int):
         self.timesteps, self.num_inference_steps = timesteps.to(device), num_inference_steps
         self.schedule = timesteps.tolist()
-        self.begin_index = 0
+        self.set_begin_index(0)
 
     def set_begin_index(self, begin_index: int) -> None:
         """Start at step `begin_index` of the schedule set (img2img runs only the last steps;
-        diffusers' name): add_noise noises to that step's level, counting schedulers count from it."""
-        self.begin_index = begin_index
+        diffusers' name): add_noise noises to that step's level, counting schedulers count from
+        it, and a multistep scheduler's history starts empty (as in diffusers, whose counters start
+        at the begin index and whose history is empty on a scheduler's first step)."""
+        self.begin_index = self.step_index = begin_index
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Forget what earlier steps left (a multistep scheduler's history): a new run starts."""
+
+    def _check_set(self):
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps first")
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps: the training process's noising, at a
@@ -274,10 +334,22 @@ class Scheduler:
     def _train_sigmas(self) -> np.ndarray:
         """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0..T-1, float32, ascending."""
         abar = self.alphas_cumprod.clone()
-        if self.config.rescale_betas_zero_snr:
+        if self.config.get("rescale_betas_zero_snr"):
             abar[-1] = 2**-24  # zero SNR would make sigma_{T-1} infinite; diffusers caps it so
         return (((1 - abar) / abar) ** 0.5).numpy()
 
 
 # diffusers' default training schedule (DDPM's linear betas), the defaults every scheduler starts from
 BETA_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None)
+
+
+class VPScheduler(Scheduler):
+    """What the multistep solvers (DPM-Solver++, UniPC) share: they step the VP sample through
+    `.sigmas` (one per timestep, then the final one), counting their steps, and noise an image
+    to the level of their first step."""
+
+    def add_noise(self, original_samples, noise, timesteps=None):
+        """x = alpha x_0 + sigma_vp eps at the noise level of step `begin_index` (as diffusers)."""
+        sigma = self.sigmas[self.begin_index].to(original_samples.device, original_samples.dtype)
+        alpha, sigma_vp, _ = vp_alpha_sigma_lambda(sigma)
+        return alpha * original_samples + sigma_vp * noise

@@ -8,12 +8,17 @@ import torch
 
 from ..bounds import MAX_SIGMA
 from ..config import ConfigError
-from .base import BETA_DEFAULTS, Scheduler, StepOutput, karras_sigmas, number_list, sigma_to_t, spaced_timesteps
+from .base import (BETA_DEFAULTS, Scheduler, StepOutput, number_list, sigma_schedule, sigma_to_t, sigma_x0,
+                   spaced_timesteps)
 
 
 class SigmaScheduler(Scheduler):
-    """What Euler and Euler ancestral share: they step x = x_vp * sqrt(1 + sigma^2), whose noise
-    level is sigma, through `.sigmas` (one per timestep, then the final one)."""
+    """What the sigma-space schedulers (Euler, Euler ancestral, Heun, LMS) share: they step
+    x = x_vp * sqrt(1 + sigma^2), whose noise level is sigma, through `.sigmas` (one per
+    timestep, then the final one). Euler's find a step's sigma by its timestep; `counted`
+    ones (Heun, whose timesteps repeat, and LMS, as diffusers) count their steps instead."""
+
+    counted = False
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -25,8 +30,11 @@ class SigmaScheduler(Scheduler):
         sigma_max = self.sigmas.max()
         return sigma_max if self.config.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
 
+    def _index(self, timestep) -> int:
+        return self.step_index if self.counted else self.index_of(timestep)
+
     def scale_model_input(self, sample, timestep):
-        sigma = self.sigmas[self.index_of(timestep)]
+        sigma = self.sigmas[self._index(timestep)]
         return sample / ((sigma**2 + 1) ** 0.5)
 
     def add_noise(self, original_samples, noise, timesteps=None):
@@ -41,14 +49,7 @@ class SigmaScheduler(Scheduler):
         i = self.index_of(timestep)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x = sample.to(torch.float32)
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = x - sigma * model_output
-        elif kind == "v_prediction":
-            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
-        else:
-            x0 = model_output
-        return sigma, sigma_next, x, x0
+        return sigma, sigma_next, x, sigma_x0(self.config.prediction_type, model_output, x, sigma)
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
@@ -116,12 +117,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
         else:
             timesteps = spaced_timesteps(c, num_inference_steps).astype(np.float32)
         n = num_inference_steps or len(timesteps)  # "trailing" can give n + 1 timesteps (see spaced_timesteps)
-        sigmas = np.interp(timesteps, np.arange(len(train)), train)
-        if c.use_karras_sigmas:
-            lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
-            hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
-            sigmas = karras_sigmas(lo, hi, n)
-            timesteps = np.array([sigma_to_t(s, np.log(train)) for s in sigmas])
+        sigmas, timesteps = sigma_schedule(timesteps, train, c.use_karras_sigmas, n, c.sigma_min, c.sigma_max)
         last = 0.0 if c.final_sigmas_type == "zero" else train[0]
         self._set_schedule(np.append(sigmas, last).astype(np.float32), timesteps, device, n)
 
