@@ -31,6 +31,13 @@ class CLIPTextOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings, then each layer's output
     text_embeds: torch.Tensor | None = None  # (B, projection_dim): text_projection(pooler_output)
 
+    def __getitem__(self, i):
+        """transformers' indexing of its outputs, as scripts use it (`text_encoder(ids)[0]`): the
+        fields set, in transformers' order (CLIPTextModelWithProjection's puts text_embeds first)."""
+        order = ((self.text_embeds, self.last_hidden_state, self.hidden_states) if self.text_embeds is not None
+                 else (self.last_hidden_state, self.pooler_output, self.hidden_states))
+        return tuple(v for v in order if v is not None)[i]
+
 
 class Attention(nn.Module):
     def __init__(self, config: CLIPTextConfig, causal: bool = True):

@@ -126,6 +126,16 @@ def added_token(t: str | dict) -> AddedToken:
     return AddedToken(**{"special": True, **{k: t[k] for k in keys if k in t}})
 
 
+class Encoding(dict):
+    """transformers' BatchEncoding as scripts read it: encoding["input_ids"] or encoding.input_ids."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class CLIPTokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], *,
                  bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
@@ -247,14 +257,26 @@ class CLIPTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False).replace("</w>", " ").strip()
 
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """(N, model_max_length) LongTensor: BOS, each prompt's ids cut to fit, EOS, padding."""
+    def __call__(self, prompts: str | list[str], padding="max_length", max_length: int | None = None,
+                 truncation: bool = True, return_tensors: str | None = None):
+        """(N, model_max_length) LongTensor: BOS, each prompt's ids cut to fit, EOS, padding.
+        Called as scripts call transformers' tokenizer for a text encoder (padding="max_length",
+        max_length=model_max_length, truncation=True, return_tensors="pt"), it returns what
+        transformers does: an `Encoding` with input_ids and attention_mask (1 up to EOS)."""
         n = self.model_max_length
-        rows = []
+        if (padding, max_length or n, truncation, return_tensors) not in (("max_length", n, True, None),
+                                                                          ("max_length", n, True, "pt")):
+            raise ValueError(f"CLIPTokenizer pads and cuts every prompt to model_max_length={n} "
+                             "(padding='max_length', truncation=True) and returns torch tensors (return_tensors='pt')")
+        rows, mask = [], []
         for ids in self.encode(prompts):
             ids = [self.bos_token_id, *ids[:n - 2], self.eos_token_id]
             rows.append(ids + [self.pad_token_id] * (n - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).view(len(rows), n)
+            mask.append([1] * len(ids) + [0] * (n - len(ids)))
+        input_ids = torch.tensor(rows, dtype=torch.long).view(len(rows), n)
+        if return_tensors is None:
+            return input_ids
+        return Encoding(input_ids=input_ids, attention_mask=torch.tensor(mask, dtype=torch.long).view(len(rows), n))
 
     def dropped_text(self, prompts: str | list[str]) -> list[str]:
         """For each prompt, the text cut off by truncation ("" when it fits), for a warning."""

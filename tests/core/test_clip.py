@@ -164,3 +164,17 @@ def test_more_tokens_than_positions_is_a_clear_error():
         te = CLIPTextModel(CLIPTextConfig.from_dict(TINY))
     with pytest.raises(ValueError, match="input_ids hold 78 tokens; this text encoder has 77 positions"):
         te(torch.zeros(1, 78, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_indexed_as_transformers_outputs(tmp_path, projection):
+    """`text_encoder(ids)[0]`, as scripts write it: the same tensor as transformers' [0] (the
+    last hidden state; text_embeds for CLIPTextModelWithProjection), and [1]."""
+    ref = reference({}, projection)
+    save_reference(ref, tmp_path, "checkpoint")
+    ids = input_ids(ref.config.eos_token_id, ref.config.pad_token_id)
+    ours = CLIPTextModel.from_pretrained(tmp_path)(ids)
+    with torch.no_grad():
+        theirs = ref(ids)
+    for i in (0, 1):
+        assert (ours[i] - theirs[i]).abs().max() <= 1e-5

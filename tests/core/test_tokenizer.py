@@ -233,3 +233,17 @@ def test_t5_folder_holding_the_files_is_read_itself(tmp_path):
     for source in (tmp_path / "t5", tmp_path / "pipe"):  # the folder itself; a pipeline's tokenizer/
         ids, mask = T5Tokenizer.from_pretrained(source)(prompts, max_length=16)
         assert ids.tolist() == expected.input_ids.tolist() and mask.tolist() == expected.attention_mask.tolist()
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl2"])
+def test_called_as_scripts_call_transformers(folders, name):
+    """`tokenizer(prompt, padding="max_length", max_length=..., truncation=True, return_tensors="pt")`
+    gives transformers' input_ids and attention_mask; other paddings are refused."""
+    ours, ref = CLIPTokenizer.from_pretrained(folders[name]), transformers.CLIPTokenizer.from_pretrained(folders[name])
+    prompts = ["a photo of a cat", "a " * 100 + "dog", ""]
+    kw = dict(padding="max_length", max_length=ref.model_max_length, truncation=True, return_tensors="pt")
+    got, expected = ours(prompts, **kw), ref(prompts, **kw)
+    assert torch.equal(got.input_ids, expected.input_ids) and torch.equal(got["attention_mask"], expected.attention_mask)
+    assert torch.equal(ours(prompts), expected.input_ids)  # the plain call: the ids alone
+    with pytest.raises(ValueError, match="pads and cuts every prompt to model_max_length"):
+        ours(prompts, padding="longest", return_tensors="pt")
