@@ -149,7 +149,7 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)   # (B, C, H, W)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), as diffusers lays it out
         if not self.linear:
             h = self.proj_out(h)
         return h + x
