@@ -259,8 +259,10 @@ def load_from_options(args, device: torch.device, dtype: torch.dtype, tagged: li
     prompts' tags merged after --lora's."""
     pipe = load_pipeline(args.model, device=device, dtype=dtype, variant=args.variant, revision=args.revision,
                          prediction_type=args.prediction_type)
-    for path, scale in loras_from(args) + list(tagged):
-        pipe.load_lora_weights(path, scale=scale)
+    loras = loras_from(args) + list(tagged)
+    names = [pipe.load_lora_weights(path, scale=scale) for path, scale in loras]
+    if len(names) > 1:  # every LoRA asked for, each at its scale (loading activates only the last)
+        pipe.set_adapters(names, [scale for _, scale in loras])
     if args.scheduler:
         pipe.scheduler = scheduler_by_name(args.scheduler, pipe.scheduler.config)
     if args.compile:

@@ -27,7 +27,8 @@ The formats met in the wild, all resolved here to (model, module path, down, up,
   are diffusers' paths; it trains SDXL on the original (LDM/sgm) UNet, whose paths
   (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`) ldm_unet_name derives from ours.
 
-Several LoRAs add up, each with its own scale (at most MAX_LORA_SCALE either way: bounds.py);
+Several LoRAs add up once set_adapters names them (loading one makes it the only active one, as
+in diffusers), each with its own scale (at most MAX_LORA_SCALE either way: bounds.py);
 `pipe.lora_adapters` lists them (name -> (source, scale)) and `pipe.lora_originals` holds the
 saved weights, each with (a weak reference to) the model it came from, both kept by fuse /
 unfuse_all.
@@ -490,7 +491,8 @@ def forget_untouched(pipe, state: LoraState) -> None:
 
 
 def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = None) -> str:
-    """Merge a LoRA into the pipeline's weights at `scale`, active; returns its adapter name.
+    """Merge a LoRA into the pipeline's weights at `scale`, the one active adapter (as diffusers:
+    those loaded before stay loaded, inactive, until set_adapters names them); returns its name.
     Everything is checked before the first weight changes; a merged weight that is not finite (a
     scale or alpha too large for the weight's dtype) undoes the layers merged before it. Refused
     while a model a loaded LoRA was merged into has been replaced (pipe.unet = other):
@@ -515,11 +517,15 @@ def fuse(pipe, lora: LoraFile, scale: float = 1.0, adapter_name: str | None = No
             pipe.lora_originals[(name, path)] = (weakref.ref(models[name]), weight.detach().to("cpu", copy=True))
     adapter = Adapter(lora.name, layers, {name: float(scale) for name in {layer.model for layer in layers}}, set())
 
-    def add(state):
+    def add(state):  # as diffusers: the adapter loaded last is the active one, until set_adapters
+        for a in state.adapters.values():
+            a.active = False
         state.adapters[adapter_name] = adapter
-        state.active.append(adapter_name)
+        state.active = [adapter_name]
 
-    change(pipe, add, keys, error=lambda message: CheckpointError(f"{lora.name}: {message}"))
+    # every LoRA-touched weight merged again (the adapters loaded before become inactive), or only
+    # the new adapter's layers when it is the first
+    change(pipe, add, None if state.active else keys, error=lambda message: CheckpointError(f"{lora.name}: {message}"))
     return adapter_name
 
 
@@ -701,10 +707,11 @@ class LoraMixin:
                           adapter_name: str | None = None, local_files_only: bool = False, cache_dir=None,
                           revision: str | None = None) -> str:
         """Merge a LoRA (a .safetensors file, a folder or hub repo id holding one, or a dict of
-        tensors; diffusers/PEFT or kohya format) into the weights at weight `scale`, active (as
-        diffusers' load_lora_weights, with set_adapters' weight given at once). Several LoRAs add
-        up. Returns the adapter name. The file is read first; the weights change under the call
-        lock, never under a running generation. See this module's docstring."""
+        tensors; diffusers/PEFT or kohya format) into the weights at weight `scale`, as diffusers'
+        load_lora_weights (with set_adapters' weight given at once): the LoRA loaded last is the
+        active one; set_adapters([...]) makes several add up. Returns the adapter name. The file
+        is read first; the weights change under the call lock, never under a running generation.
+        See this module's docstring."""
         lora_file = read_lora(path_or_repo_id, weight_name, local_files_only, cache_dir, revision)
         with self.exclusive_call():
             return fuse(self, lora_file, scale, adapter_name)

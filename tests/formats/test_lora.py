@@ -306,7 +306,8 @@ def test_two_loras_with_their_own_scales(folders, bases, sd, tmp_path):
     ref.fuse_lora(adapter_names=["a", "b"])
     sd.load_lora_weights(a, scale=0.7, adapter_name="a")
     sd.load_lora_weights(tmp_path, weight_name="b.safetensors", scale=-0.4)
-    assert list(sd.lora_adapters) == ["a", "default_1"]
+    assert list(sd.lora_adapters) == ["a", "default_1"] and sd.get_active_adapters() == ["default_1"]  # as diffusers
+    sd.set_adapters(["a", "default_1"], [0.7, -0.4])
     assert max_diff(images(ref, diffusers_pipe=True), images(sd)) <= 1e-3
     with pytest.raises(ValueError, match="adapter_name 'a' is already loaded"):
         sd.load_lora_weights(a, adapter_name="a")
