@@ -14,18 +14,14 @@ from pathlib import Path
 import torch
 
 from .core.inputs import check_loading_args
-from .core.pipeline import DiffusionPipeline
+from .core.pipeline import DiffusionPipeline, pipeline_class
 from .core.weights import CheckpointError, read_model_index, resolve
 from .formats.single_file import is_single_file, pipeline_name
-from .pixart.pipeline import PixArtAlphaPipeline, PixArtSigmaPipeline
+from .pixart import pipeline as pixart  # noqa: F401  (its classes are among those pipeline_class finds)
 from .stable_diffusion.pipeline import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                                         StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
 from .svd.pipeline import StableVideoDiffusionPipeline
 
-# model_index.json's `_class_name` -> the class that loads it
-PIPELINES = {name: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusionImg2ImgPipeline,
-                                   StableDiffusionXLImg2ImgPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline,
-                                   StableVideoDiffusionPipeline) for name in cls.model_index_names}
 # each text-to-image class's img2img class (AutoPipelineForImage2Image), and the way back
 IMAGE2IMAGE = {StableDiffusionPipeline: StableDiffusionImg2ImgPipeline,
                StableDiffusionXLPipeline: StableDiffusionXLImg2ImgPipeline}
@@ -55,16 +51,12 @@ def load_as(source, kind: dict | None, device="cpu", dtype=None, variant=None, l
     if is_single_file(source):
         if variant is not None or revision is not None:
             raise ValueError(f"{source}: variant and revision are for diffusers folders and hub repos, not one file")
-        cls = PIPELINES[pipeline_name(source)]
+        cls = pipeline_class(pipeline_name(source), source)
         return kind.get(cls, cls).from_single_file(source, device, dtype, prediction_type, torch_dtype=torch_dtype)
     if prediction_type is not None:
         raise ValueError("prediction_type is for single-file checkpoints; a diffusers folder's scheduler config sets it")
     folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
-    name = read_model_index(folder)["_class_name"]
-    if name not in PIPELINES:
-        raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported "
-                              f"(supported: {', '.join(PIPELINES)})")
-    cls = PIPELINES[name]
+    cls = pipeline_class(read_model_index(folder)["_class_name"], folder / "model_index.json")
     pipe = kind.get(cls, cls).from_pretrained(folder, device, dtype, variant, torch_dtype=torch_dtype)
     if not Path(source).expanduser().is_dir():  # a hub repo: named by its id, never by a local path
         pipe.model_info["name"] = str(source)
@@ -76,7 +68,8 @@ def load_single_file(path: str | os.PathLike, device="cpu", dtype: torch.dtype |
                      torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
     """The pipeline of one LDM-layout `.safetensors` file (SD 1.x, SD 2.x or SDXL base): see
     `StableDiffusionPipeline.from_single_file`, which this calls on the file's own class."""
-    return PIPELINES[pipeline_name(path)].from_single_file(path, device, dtype, prediction_type, config, torch_dtype)
+    return pipeline_class(pipeline_name(path), path).from_single_file(path, device, dtype, prediction_type, config,
+                                                                      torch_dtype)
 
 
 class AutoPipelineForText2Image:

@@ -212,7 +212,7 @@ def load_folder(cls, source, device, dtype: torch.dtype, variant, local_files_on
     family's components."""
     folder = resolve(source, variant, local_files_only, cache_dir, revision=revision)
     index = read_model_index(folder)
-    cls = cls if cls.model_index_names else pipeline_class(index.get("_class_name"), folder)
+    cls = cls if cls.model_index_names else pipeline_class(index.get("_class_name"), folder / "model_index.json")
     if index.get("_class_name") not in cls.model_index_names + cls.also_loads:
         raise CheckpointError(f"{source}: a {index.get('_class_name')} checkpoint, not a {cls.__name__} one; "
                               "use load_pipeline")
@@ -228,16 +228,18 @@ def load_folder(cls, source, device, dtype: torch.dtype, variant, local_files_on
     return pipe
 
 
-def pipeline_class(name, folder: Path) -> type:
-    """The pipeline class that declares `name` among its model_index_names: load_pipeline's
-    choice, found among DiffusionPipeline's subclasses (core imports no family)."""
-    todo = list(DiffusionPipeline.__subclasses__())
+def pipeline_class(name, where) -> type:
+    """The pipeline class that declares `name` (model_index.json's `_class_name`) among its
+    model_index_names, found among DiffusionPipeline's subclasses (core imports no family): the
+    one lookup of load_pipeline and DiffusionPipeline.from_pretrained. `where` names the file."""
+    classes, todo = {}, list(DiffusionPipeline.__subclasses__())
     while todo:
         cls = todo.pop(0)
-        if name in vars(cls).get("model_index_names", ()):
-            return cls
+        classes.update(dict.fromkeys(vars(cls).get("model_index_names", ()), cls))
         todo += cls.__subclasses__()
-    raise CheckpointError(f"{folder / 'model_index.json'}: pipeline class {name!r} is not supported")
+    if name not in classes:
+        raise CheckpointError(f"{where}: pipeline class {name!r} is not supported (supported: {', '.join(classes)})")
+    return classes[name]
 
 
 def init_arguments(pipe, cls) -> dict:
