@@ -255,8 +255,8 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
 # the safetensors dtypes a checkpoint holds: weights (floating point) and integer buffers
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-DTYPES = FLOAT_DTYPES | {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                         "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = FLOAT_DTYPES | {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                                    "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class Header(NamedTuple):
@@ -304,11 +304,11 @@ def read_header(path: Path, max_bytes: int = MAX_FILE_BYTES, max_tensors: int = 
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             ok = len(name) <= 1000 and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and \
-                end - begin == math.prod(shape) * DTYPES[dtype].itemsize
+                end - begin == math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         except (TypeError, KeyError, ValueError, IndexError):
             ok = False
         if not ok:
-            refuse(f"bad header entry for {name!r}: needs a dtype ({', '.join(DTYPES)}), a shape and data_offsets "
+            refuse(f"bad header entry for {name!r}: needs a dtype ({', '.join(SAFETENSORS_DTYPES)}), a shape and data_offsets "
                    "that agree")
         tensors[name] = (dtype, shape, begin, end)
     position = 0
@@ -345,7 +345,7 @@ def read_tensor(f: BinaryIO, header: Header, name: str) -> torch.Tensor:
             raise CheckpointError(f"{f.name}: not a readable safetensors file (it ends inside tensor {name!r}; "
                                   "was it changed while being read?)")
         done += got
-    return data.view(DTYPES[dtype]).reshape(shape)
+    return data.view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
 
 
 # Reading is mostly the page faults of the new memory: a few threads, each with its own file
@@ -382,7 +382,7 @@ def read_headers(files: list[Path]) -> dict[Path, Header]:
         headers[path] = read_header(path)
         for k, (kind, *_) in headers[path].tensors.items():  # every model here holds floats only
             if kind not in FLOAT_DTYPES and k not in LEGACY_DROPPED:
-                raise CheckpointError(f"{path}: tensor {k} is {str(DTYPES[kind]).removeprefix('torch.')}; "
+                raise CheckpointError(f"{path}: tensor {k} is {str(SAFETENSORS_DTYPES[kind]).removeprefix('torch.')}; "
                                       "model weights must be floating point")
     return headers
 
