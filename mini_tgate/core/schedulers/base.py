@@ -318,15 +318,15 @@ class Scheduler:
 
     def _x0_and_eps(self, model_output, sample, abar_t):
         """x_0 and eps estimated from the model output at a step with abar_t (clipped x_0 if asked)."""
-        a, b = abar_t**0.5, (1 - abar_t) ** 0.5
+        a, b = abar_t**0.5, (1 - abar_t) ** 0.5  # the VP sample's alpha and sigma
         kind = self.config.prediction_type
+        x0 = vp_x0(kind, model_output, sample, a, b)
         if kind == "epsilon":
-            x0, eps = (sample - b * model_output) / a, model_output
+            eps = model_output
         elif kind == "sample":
-            x0 = model_output
             eps = (sample - a * x0) / b
         else:  # v_prediction
-            x0, eps = a * sample - b * model_output, a * model_output + b * sample
+            eps = a * model_output + b * sample
         if self.config.clip_sample:  # eps stays the unclipped one, as in diffusers
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, eps
