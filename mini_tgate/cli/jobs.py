@@ -77,6 +77,7 @@ from ..core.bounds import (BATCH_MAX_IMAGES, BATCH_MAX_LOCK_TEXT, BATCH_MAX_MANI
                            int_in, is_int, is_number)
 from ..core.image import read_image, upright_size
 from ..core.tgate import TGate
+from ..formats.hub import file_sha256
 from ..formats.png import format_parameters, read_png_text, save_png, to_uint8
 from .loras import untagged
 from .options import check_runs_a_step, random_seed
@@ -353,11 +354,6 @@ def record_files(folder: Path) -> list[Path]:
 def folder_records(folder: Path):
     """The records of a folder's manifest and part files, one at a time."""
     return (record for path in record_files(folder) for record in read_records(path))
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def options_hash(options: dict) -> str:

@@ -3,12 +3,24 @@ a LoRA file (its "Lora hashes")."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
 from ..core.bounds import MAX_LORA_BYTES, MAX_LORA_TENSORS
 from ..core.weights import CheckpointError, is_repo_id, read_header, weight_files
+
+
+def file_sha256(path, start: int = 0) -> str:
+    """The SHA-256 hex digest of a file from byte `start` on, read 1 MiB at a time: memory stays
+    flat for 7 GB files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
@@ -20,8 +32,6 @@ def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
     when whole; when sharded, the SHA-256 of the shards' SHA-256 hex digests, one per line in
     file-name order. A hub-cache file is a symlink to `blobs/<sha256 of the content>`: that
     name is used instead of reading the file again."""
-    import hashlib
-
     path = Path(source).expanduser()
     if path.is_dir():
         denoiser = next((path / d for d in ("unet", "transformer") if (path / d).is_dir()), path)
@@ -37,11 +47,7 @@ def model_hash(source: str | os.PathLike, variant: str | None = None) -> str:
         blob = Path(os.path.realpath(f)).name
         if f.is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob):
             return blob
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(2**20):  # 1 MiB at a time: memory stays flat for 7 GB files
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(f)
 
     digests = [sha256(f) for f in files]
     if len(digests) == 1:
@@ -56,8 +62,6 @@ def lora_hash(source: str | os.PathLike) -> str:
     `sshs_model_hash` its metadata holds, which A1111 takes first (kohya's trainer writes it).
     `source`: a .safetensors file, a folder holding one, or a hub repo id already in the local
     cache (as --lora takes them; `read_lora` picks the same file)."""
-    import hashlib
-
     from .lora import DEFAULT_WEIGHT_NAME, download, pick_file
 
     path = Path(source).expanduser()
@@ -69,9 +73,4 @@ def lora_hash(source: str | os.PathLike) -> str:
     given = header.metadata.get("sshs_model_hash", "")
     if given:
         return given[:12]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(header.data_start)
-        while chunk := f.read(2**20):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return file_sha256(path, header.data_start)[:12]
