@@ -2,16 +2,18 @@
 random weights built here; diffusers eager, diffusers + tgate, mini_tgate eager, compiled, and
 compiled with CUDA graphs; plain, TGATE (the paper's gates), DeepCache, TGATE + DeepCache.
 
-    python examples/benchmark_gpu.py                  # one GPU, about 8 minutes (--budget)
+    python examples/benchmark_gpu.py --out table.md   # one GPU, about 8 minutes (--budget)
     python examples/benchmark_gpu.py --small --device cpu --budget 60   # checks the script
 
-Rows run in order of importance (SDXL float16 first, then SD-1.5, then the compiled-only
-variants, then bfloat16) until --budget seconds have passed; the rest are listed as skipped.
-Each time is the median of --repeats calls after one warm-up (which compiles), output_type
-"latent" (prompt encoding and denoising; the VAE decode is timed once per model). Printed with
-each: the speed-up over the same engine's plain run, the MAC prediction of that speed-up, the
-fraction of the GPU's float16 matmul rate (measured in the same run) the denoiser reaches, and
-the host time per step of the loop around a no-op denoiser. Needs the test extra.
+Rows run in order of importance (`order()`: diffusers and mini_tgate eager for both models, then
+SDXL with CUDA graphs, gated runs first, then the rest) until --budget seconds have passed; the
+rest are listed as skipped. Each row is printed (and written to --out) as soon as it is measured,
+so a run stopped early keeps what it measured. Each time is the median of --repeats calls after
+one warm-up (which compiles), output_type "latent": prompt encoding and denoising, no VAE decode.
+The table gives with each: the speed-up over the same engine's plain run, the MAC prediction of
+that speed-up, the fraction of the GPU's float16 matmul rate (measured in the same run) the
+denoiser reaches; then the issue's targets as measured. The loop's host time per step around a
+no-op denoiser is printed once per model. Needs the test extra (diffusers, tgate).
 """
 
 from __future__ import annotations
@@ -115,6 +117,69 @@ def loop_overhead(pipe, kw: dict, device: str, steps: int) -> float:
         del unet.forward
 
 
+def load(folder: Path, model: str, dtype, engine: str, variant: str, device: str):
+    """One row's pipeline: diffusers (with tgate's loader for the run) or mini_tgate, eager or compiled."""
+    import diffusers
+    import tgate
+
+    if engine.startswith("diffusers"):
+        xl = model == "sdxl"
+        pipe = (diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline).from_pretrained(
+            folder, torch_dtype=dtype).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if variant == "TGATE":
+            return (tgate.TgateSDXLLoader if xl else tgate.TgateSDLoader)(pipe)
+        if variant == "TGATE + DeepCache":
+            loader = tgate.TgateSDXLDeepCacheLoader if xl else tgate.TgateSDDeepCacheLoader
+            return loader(pipe, cache_interval=DEEPCACHE.interval, cache_branch_id=DEEPCACHE.branch)
+        return pipe
+    pipe = mini_tgate.load_pipeline(folder, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    mode = {"mini_tgate eager": False, "mini_tgate compiled": None, "mini_tgate CUDA graphs": "reduce-overhead"}[engine]
+    return pipe if mode is False else pipe.compile(mode=mode)
+
+
+def order(models: list[str], device: str) -> list[tuple]:
+    """(model, dtype, engine, variant) in order of importance: what the targets need first (diffusers
+    and mini_tgate eager for both models, then SDXL with CUDA graphs, gated runs before plain), then
+    SD-1.5 with CUDA graphs, compiled without them, and bfloat16."""
+    fp16, rows = torch.float16, []
+    for model in models:
+        rows += [(model, fp16, "diffusers" + ("" if v == "plain" else " + tgate"), v)
+                 for v in ("plain", "TGATE", "TGATE + DeepCache")]
+        rows += [(model, fp16, "mini_tgate eager", v) for v in VARIANTS]
+    graphs = ("TGATE + DeepCache", "TGATE", "plain", "DeepCache")
+    if device.startswith("cuda"):
+        rows += [(model, fp16, "mini_tgate CUDA graphs", v) for model in models for v in graphs]
+    rows += [(model, fp16, "mini_tgate compiled", v) for model in models for v in graphs]
+    rows += [(model, torch.bfloat16, "mini_tgate eager", v) for model in models for v in VARIANTS]
+    return rows
+
+
+def report(done: list[dict], rate: float) -> str:
+    """The table, then the issue's three targets as measured."""
+    lines = ["| model | dtype | engine | run | s / image | speed-up | MAC-predicted | achieved / predicted | "
+             "denoiser's share of the matmul rate |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        base = next((b for b in done if (b["model"], b["dtype"], b["variant"]) == (r["model"], r["dtype"], "plain")
+                     and b["engine"].split(" +")[0] == r["engine"].split(" +")[0]), None)
+        speed = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
+        predicted = base["macs"] / r["macs"] if base else r["plain_macs"] / r["macs"]
+        ratio = f"{base['seconds'] / r['seconds'] / predicted:.0%}" if base else "-"
+        lines.append(f"| {r['model']} | {str(r['dtype'])[6:]} | {r['engine']} | {r['variant']} | {r['seconds']:.3f} | "
+                     f"{speed} | {predicted:.2f}x | {ratio} | {r['macs'] / r['seconds'] / rate:.0%} |")
+    sdxl = {(r["engine"], r["variant"]): r["seconds"] for r in done if r["model"] == "sdxl" and r["dtype"] == torch.float16}
+    ref = sdxl.get(("diffusers + tgate", "TGATE"))
+    fast = [s for (e, v), s in sdxl.items() if v == "TGATE" and e.startswith("mini_tgate")]
+    if ref and fast:
+        lines.append(f"\ntarget: SDXL + TGATE, fastest mini_tgate against diffusers + tgate eager: "
+                     f"{ref / min(fast):.2f}x (>= 1.3x)")
+    both = [s for (e, v), s in sdxl.items() if v == "TGATE + DeepCache" and e.startswith("mini_tgate")]
+    if both:
+        lines.append(f"target: SDXL 1024 px TGATE + DeepCache, fastest mini_tgate: {min(both):.3f} s / image (< 0.5)")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -122,41 +187,46 @@ def main():
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=420, help="seconds; the rows left are listed as skipped")
+    p.add_argument("--out", type=Path, help="also write each row here as it is measured (a new file), then the table")
     p.add_argument("--small", action="store_true", help="narrow models, 64 px, 4 steps: checks the script")
     args = p.parse_args()
-    import diffusers
-    from tgate import TgateSDDeepCacheLoader, TgateSDLoader, TgateSDXLDeepCacheLoader, TgateSDXLLoader
+    out = open(args.out, "x") if args.out else None  # never overwrites a file
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        if out:
+            print(line, file=out, flush=True)
 
     start, device, steps = time.perf_counter(), args.device, (4 if args.small else args.steps)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rate = matmul_rate(device, torch.float16)
-    print(f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; float16 matmul: {2 * rate / 1e12:.0f} TFLOP/s measured\n")
+    say(f"{torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; float16 matmul: {2 * rate / 1e12:.0f} TFLOP/s measured")
     tmp = Path(tempfile.mkdtemp())
     models = args.models.split(",")
     folders = {m: build(tmp / m, m, args.small, device) for m in models}
     size = {"sd15": 512, "sdxl": 1024} if not args.small else {"sd15": 64, "sdxl": 64}
-    done, skipped = [], []
+    done, skipped, held = [], [], {}  # held: the one pipeline kept, by (model, dtype, engine, and for diffusers the run)
 
-    def ours(model, dtype, mode):
-        pipe = mini_tgate.load_pipeline(folders[model], device=device, dtype=dtype)
-        return pipe if mode == "eager" else pipe.compile(mode={"compiled": None, "CUDA graphs": "reduce-overhead"}[mode])
+    def pipeline(model, dtype, engine, variant):
+        key = (model, dtype, engine, variant if engine.startswith("diffusers") else None)
+        if key not in held:
+            held.clear()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            held[key] = load(folders[model], model, dtype, engine, variant, device)
+            if engine == "mini_tgate eager":
+                kw = dict(num_inference_steps=steps, height=size[model], width=size[model])
+                say(f"{model} {str(dtype)[6:]}: the loop's host work per step, no-op denoiser: "
+                    f"{loop_overhead(held[key], kw, device, steps) * 1e3:.2f} ms")
+        return held[key]
 
-    def theirs(model, dtype, gated):
-        cls = diffusers.StableDiffusionXLPipeline if model == "sdxl" else diffusers.StableDiffusionPipeline
-        pipe = cls.from_pretrained(folders[model], torch_dtype=dtype).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        if gated == "TGATE":
-            return (TgateSDXLLoader if model == "sdxl" else TgateSDLoader)(pipe)
-        if gated == "TGATE + DeepCache":
-            loader = TgateSDXLDeepCacheLoader if model == "sdxl" else TgateSDDeepCacheLoader
-            return loader(pipe, cache_interval=DEEPCACHE.interval, cache_branch_id=DEEPCACHE.branch)
-        return pipe
 
-    def row(model, dtype, engine, variant, pipe):
+    for model, dtype, engine, variant in order(models, device):
         if time.perf_counter() - start > args.budget:
-            skipped.append((model, dtype, engine, variant))
-            return
+            skipped.append(f"{model} {str(dtype)[6:]} {engine} {variant}")
+            continue
+        pipe = pipeline(model, dtype, engine, variant)
         gate, dc = VARIANTS[variant]
         gate, dc = GATES[model] if gate else None, DEEPCACHE if dc else None
         latents = torch.randn(1, 4, size[model] // 8, size[model] // 8, generator=torch.Generator().manual_seed(0))
@@ -168,46 +238,18 @@ def main():
             run = (lambda: pipe.tgate(PROMPT, **kw, **tg)) if gate else (lambda: pipe(PROMPT, **kw))
         else:
             run = lambda: pipe(PROMPT, tgate=gate, deepcache=dc, **kw)  # noqa: E731
-        macs = count_macs(model, size[model], size[model], steps, 7.5, gate, deepcache=dc)["unet_macs"]
-        done.append(dict(model=model, dtype=dtype, engine=engine, variant=variant, seconds=seconds(run, args.repeats, device),
-                         macs=macs))
-
-    for model in models:  # float16: diffusers, then mini_tgate eager and with CUDA graphs (the targets)
-        dtype = torch.float16
-        for variant in ("plain", "TGATE", "TGATE + DeepCache"):
-            if time.perf_counter() - start <= args.budget:
-                row(model, dtype, "diffusers" + ("" if variant == "plain" else " + tgate"), variant,
-                    theirs(model, dtype, variant))
-        for engine in ("eager", "CUDA graphs") if device.startswith("cuda") else ("eager",):
-            pipe = ours(model, dtype, engine)
-            for variant in VARIANTS:
-                row(model, dtype, f"mini_tgate {engine}", variant, pipe)
-            if engine == "eager":
-                overhead = loop_overhead(pipe, dict(num_inference_steps=steps, height=size[model],
-                                                    width=size[model]), device, steps)
-                print(f"{model}: the loop's host work per step, no-op denoiser: {overhead * 1e3:.2f} ms")
-            del pipe
-    for model in models:  # compiled without CUDA graphs, then bfloat16 eager
-        pipe = ours(model, torch.float16, "compiled") if time.perf_counter() - start <= args.budget else None
-        for variant in VARIANTS:
-            row(model, torch.float16, "mini_tgate compiled", variant, pipe)
-        pipe = ours(model, torch.bfloat16, "eager")
-        for variant in VARIANTS:
-            row(model, torch.bfloat16, "mini_tgate eager", variant, pipe)
-
-    print("| model | dtype | engine | run | s / image | speed-up | MAC-predicted | achieved / predicted | "
-          "denoiser's share of the matmul rate |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in done:
-        base = next(b for b in done if (b["model"], b["dtype"], b["variant"]) == (r["model"], r["dtype"], "plain")
-                    and b["engine"].split(" +")[0] == r["engine"].split(" +")[0])
-        speedup, predicted = base["seconds"] / r["seconds"], base["macs"] / r["macs"]
-        share = r["macs"] / r["seconds"] / rate
-        print(f"| {r['model']} | {str(r['dtype'])[6:]} | {r['engine']} | {r['variant']} | {r['seconds']:.3f} | "
-              f"{speedup:.2f}x | {predicted:.2f}x | {speedup / predicted:.0%} | {share:.0%} |")
+        began = time.perf_counter()
+        r = dict(model=model, dtype=dtype, engine=engine, variant=variant, seconds=seconds(run, args.repeats, device),
+                 macs=count_macs(model, size[model], size[model], steps, 7.5, gate, deepcache=dc)["unet_macs"],
+                 plain_macs=count_macs(model, size[model], size[model], steps, 7.5, None)["unet_macs"])
+        done.append(r)
+        say(f"row: {model} {str(dtype)[6:]} {engine} {variant}: {r['seconds']:.3f} s / image "
+            f"({time.perf_counter() - began:.0f} s with warm-up and compiling; {time.perf_counter() - start:.0f} s so far)")
+    held.clear()
+    say("\n" + report(done, rate))
     for s in skipped:
-        print(f"skipped (budget): {s[0]} {str(s[1])[6:]} {s[2]} {s[3]}")
-    print(f"\n{time.perf_counter() - start:.0f} s in all")
+        say(f"skipped (budget): {s}")
+    say(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
 if __name__ == "__main__":
