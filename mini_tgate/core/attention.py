@@ -65,10 +65,10 @@ class Attention(nn.Module):
         kept = out[:, :1] if context is not None and context.shape[1] == 1 and mask is None else out
         if self.gate == CACHE:
             kept = kept if kept is out or self.static else kept.clone()  # a slice would keep all of `out` alive
-            self.cache = keep(self.cache, kept, self.static)
+            self.cache = keep(self, kept)
         elif self.gate == CACHE_MEAN:
             uncond, cond = kept.chunk(2)  # the batch is [unconditional, conditional]
-            self.cache = keep(self.cache, (uncond + cond) / 2, self.static)
+            self.cache = keep(self, (uncond + cond) / 2)
         return out
 
     def attend(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,13 +87,16 @@ class Attention(nn.Module):
         return self.to_out[0](y)
 
 
-def keep(cache: torch.Tensor | None, x: torch.Tensor, static: bool) -> torch.Tensor:
-    """What a module caches: `x` itself, or, when the cache is a static buffer, the buffer with x
-    written into its first rows (a CUDA graph replays reads and writes at the buffer's address)."""
-    if not static:
+def keep(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `module` (an Attention, or the UNet's deep feature) caches: `x` itself, or, when its
+    cache is a static buffer, the buffer with x written into its first rows (a CUDA graph replays
+    reads and writes at the buffer's address). The old cache is read only then: under
+    torch.compile, reading it would guard on it, None before the first cache step and a tensor
+    after, and recompile the same step plan."""
+    if not module.static:
         return x
-    cache[:x.shape[0]].copy_(x)
-    return cache
+    module.cache[:x.shape[0]].copy_(x)
+    return module.cache
 
 
 def rows(cache: torch.Tensor, n: int) -> torch.Tensor:

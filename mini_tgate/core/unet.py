@@ -344,7 +344,7 @@ class UNet2DConditionModel(PretrainedMixin, nn.Module):
                 else:
                     h = up(h, skips, emb, encoder_hidden_states, None, stop=first)
                     if self.deep == CACHE:
-                        self.cache = keep(self.cache, h, self.static)
+                        self.cache = keep(self, h)
             n_skips = len(up.resnets) - first
             block_skips, skips = skips[-n_skips:], skips[:-n_skips]
             size = skips[-1].shape[2:] if skips else None  # upsample to the next skip's size
