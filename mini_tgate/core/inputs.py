@@ -24,7 +24,7 @@ from .tgate import DeepCache, TGate, check_gate_types
 from .vae import AutoencoderKL
 
 # the tensors a step callback may read and replace (diffusers' `_callback_tensor_inputs`); SDXL adds
-# its pooled embeddings and time ids (SDXL_CALLBACK_INPUTS, the prompts' alone: not diffusers' CFG batch)
+# its pooled embeddings and time ids. With CFG on they are diffusers' [negative, prompt] batch (LoopState)
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 SDXL_CALLBACK_INPUTS = ("add_text_embeds", "add_time_ids")
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .bounds import is_number
-from .inputs import CALLBACK_TENSOR_INPUTS, SDXL_CALLBACK_INPUTS, Call, check_call, check_loading_args
+from .inputs import Call, check_call, check_loading_args
 from .runtime import RuntimeMixin, make_static_caches, on_device, progress_bar, timed
 from .schedulers import DDIMScheduler, Scheduler, randn_tensor, scheduler_from_config
 from .tgate import COMPUTE, DeepCache, TGate, plan
@@ -190,7 +190,8 @@ class DiffusionPipeline(RuntimeMixin):
                 if bar is not None:
                     bar.update()
                 if c.callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
-                    state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs)) or {})
+                    guided = not (is_number(c.guidance_scale) and c.guidance_scale <= 1)
+                    state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs, guided)) or {}, guided)
                     c.guidance_scale = dynamic_guidance(self._guidance_scale, c.guidance_scale)
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
                     break
@@ -311,24 +312,53 @@ class LoopState:
     #                        "concat": latents the loop stacks onto the denoiser's input channels (SVD's image's)
     uncond: dict | None    # of the negative prompts, with CFG
 
-    def tensors(self, names: list[str]) -> dict:
-        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS (and SDXL's) it names."""
-        negative = None if self.uncond is None else self.uncond["encoder_hidden_states"]
-        tensors = dict(zip(CALLBACK_TENSOR_INPUTS, (self.latents, self.cond["encoder_hidden_states"], negative)))
-        added = self.cond.get("added_cond_kwargs", {})
-        tensors.update(zip(SDXL_CALLBACK_INPUTS, (added.get("text_embeds"), added.get("time_ids"))))
+    def tensors(self, names: list[str], guided: bool) -> dict:
+        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS (and SDXL's) it names. With
+        CFG on (guided), as in diffusers, the prompts' conditioning comes stacked after the negative
+        prompts': [negative, prompt] along the batch."""
+        both = guided and self.uncond is not None
+        tensors = {"latents": self.latents,
+                   "negative_prompt_embeds": None if self.uncond is None else self.uncond["encoder_hidden_states"]}
+        for name, path in CONDITIONING.items():
+            cond = conditioning(self.cond, path)
+            tensors[name] = torch.cat([conditioning(self.uncond, path), cond]) if both and cond is not None else cond
         return {k: tensors[k] for k in names}
 
-    def replace(self, out: dict) -> None:
-        """What a step callback returned replaces what the loop carries."""
+    def replace(self, out: dict, guided: bool) -> None:
+        """What a step callback returned replaces what the loop carries: a [negative, prompt] batch
+        (2B, with CFG on) both halves, a batch of B the prompts' alone."""
         self.latents = out.get("latents", self.latents)
-        if "prompt_embeds" in out:
-            self.cond = {**self.cond, "encoder_hidden_states": out["prompt_embeds"]}
         if "negative_prompt_embeds" in out and self.uncond is not None:
             self.uncond = {**self.uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
-        for name, key in zip(SDXL_CALLBACK_INPUTS, ("text_embeds", "time_ids")):  # SDXL's, of the prompts
-            if name in out and "added_cond_kwargs" in self.cond:
-                self.cond = {**self.cond, "added_cond_kwargs": {**self.cond["added_cond_kwargs"], key: out[name]}}
+        batch = self.latents.shape[0]
+        for name, path in CONDITIONING.items():
+            if name not in out or conditioning(self.cond, path) is None:
+                continue
+            x = out[name]
+            if guided and self.uncond is not None and x.shape[0] == 2 * batch:
+                uncond, x = x.chunk(2)
+                self.uncond = with_conditioning(self.uncond, path, uncond)
+            elif x.shape[0] != batch:
+                raise ValueError(f"a step callback returned {name} of batch {x.shape[0]}: expected {batch} (the "
+                                 f"prompts')" + (f" or {2 * batch} ([negative, prompt])" if guided else ""))
+            self.cond = with_conditioning(self.cond, path, x)
+
+
+# the callback's names of the conditioning the loop carries, by their place in it (SDXL's added_cond_kwargs)
+CONDITIONING = {"prompt_embeds": ("encoder_hidden_states",), "add_text_embeds": ("added_cond_kwargs", "text_embeds"),
+                "add_time_ids": ("added_cond_kwargs", "time_ids")}
+
+
+def conditioning(kw: dict, path: tuple):
+    """kw[path[0]][path[1]]..., or None where it has none."""
+    for key in path:
+        kw = kw.get(key) if isinstance(kw, dict) else None
+    return kw
+
+
+def with_conditioning(kw: dict, path: tuple, x: torch.Tensor) -> dict:
+    """A copy of kw with x at path (the dicts along it copied, the call's own left as they are)."""
+    return {**kw, path[0]: x if len(path) == 1 else with_conditioning(kw[path[0]], path[1:], x)}
 
 
 def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks, gated_branch: str = "uncond"):

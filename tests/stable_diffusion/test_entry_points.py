@@ -117,7 +117,8 @@ def test_img2img_classes_match_diffusers(tiny):
     out = ours(generator=torch.Generator().manual_seed(1), **kw)
     assert max_diff(expected, out.images) <= TOL
     assert ours.num_timesteps == ref.num_timesteps == 6
-    with pytest.raises(ValueError, match="needs image="):
+    t2i = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
+    with pytest.raises(ValueError, match=f"needs image=.*for text to image use {t2i.__name__}$"):
         ours(PROMPT)
 
 
@@ -197,6 +198,41 @@ def test_dynamic_guidance_from_a_step_callback(tiny):
     assert max_diff(plain, out.images) > TOL
     expected = ref(output_type="np", callback_on_step_end=lower_guidance, **kw).images
     assert max_diff(expected, ours(callback_on_step_end=lower_guidance, **kw).images) <= TOL
+
+
+def test_step_callback_sees_diffusers_cfg_batch(tiny):
+    """With CFG on, a callback's prompt_embeds (SDXL's pooled embeddings and time ids too) are
+    diffusers' [negative, prompt] batch, so the docs' recipe chunks them right with several prompts."""
+    name, folder = tiny
+    ref = quiet(lambda: diffusers.DiffusionPipeline.from_pretrained(folder))
+    ours = DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    kw = dict(prompt=[PROMPT, "a green square"], negative_prompt=["blurry", "dark"], num_inference_steps=6,
+              latents=torch.cat([noise(0), noise(1)]), guidance_scale=7.5)
+    recipe, inputs = ((sdxl_dynamic_cfg, ["prompt_embeds", "add_text_embeds", "add_time_ids"]) if name == "sdxl"
+                      else (dynamic_cfg, ["prompt_embeds"]))
+    seen = {}
+
+    def record(where):
+        def callback(pipe, i, t, tensors):
+            seen.setdefault(where, []).append({k: v.clone() for k, v in tensors.items()})
+            return recipe(pipe, i, t, tensors)
+        return callback
+
+    expected = ref(output_type="np", callback_on_step_end=record("ref"), callback_on_step_end_tensor_inputs=inputs,
+                   **kw).images
+    got = ours(callback_on_step_end=record("ours"), callback_on_step_end_tensor_inputs=inputs, **kw)
+    assert max_diff(expected, got.images) <= TOL
+    assert [s["batch"] for s in got.steps] == [4] * 3 + [2] * 3
+    assert len(seen["ours"]) == len(seen["ref"]) == 6
+    for theirs, mine in zip(seen["ref"], seen["ours"]):
+        assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in mine.items()}
+        assert all(max_diff(theirs[k], mine[k]) <= 1e-5 for k in inputs)
+
+    def wrong_batch(pipe, i, t, tensors):
+        return {"prompt_embeds": tensors["prompt_embeds"][:3]}
+    with pytest.raises(ValueError, match="returned prompt_embeds of batch 3: expected 2 .* or 4"):
+        ours(callback_on_step_end=wrong_batch, callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw)
 
 
 def test_dynamic_guidance_with_a_gate(tiny):

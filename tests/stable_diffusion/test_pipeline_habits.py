@@ -145,21 +145,26 @@ def test_step_callback_sees_and_replaces_latents_and_interrupts(pipes):
 
 
 def test_step_callback_embeddings(pipes):
+    """A callback sees diffusers' [negative, prompt] batch, and what it returns is used from the
+    next step on: here the prompts' half becomes the negative one."""
     name, ref, ours, _ = pipes
-    if name == "sdxl":
-        pytest.skip("SD's prompt_embeds only")  # diffusers' SDXL passes concatenated CFG batches
+    seen = {}
 
-    got = {}
+    def look(where):
+        def callback(pipe, i, t, tensors):
+            seen.setdefault(where, tensors["prompt_embeds"].clone())
+            negative = tensors["prompt_embeds"].chunk(2)[0]
+            return {"prompt_embeds": torch.cat([negative, negative])}  # from now on, no text guidance
+        return callback
 
-    def look(pipe, i, t, tensors):
-        got.setdefault("shapes", (tensors["prompt_embeds"].shape, tensors["negative_prompt_embeds"].shape))
-        return {"prompt_embeds": tensors["negative_prompt_embeds"]}  # from now on, no text guidance
-
-    kw = dict(num_inference_steps=3, latents=noise(), output_type="latent")
-    out = ours(PROMPT, callback_on_step_end=look,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"], **kw)
-    assert got["shapes"] == (torch.Size([1, 77, 32]), torch.Size([1, 77, 32]))
-    assert not torch.equal(out.images, ours(PROMPT, **kw).images)
+    kw = dict(num_inference_steps=3, latents=noise(), guidance_scale=7.5)
+    inputs = dict(callback_on_step_end_tensor_inputs=["prompt_embeds"])
+    expected = ref(PROMPT, callback_on_step_end=look("ref"), output_type="np", **inputs, **kw).images
+    out = ours(PROMPT, callback_on_step_end=look("ours"), **inputs, **kw)
+    assert seen["ours"].shape == seen["ref"].shape == (2, 77, ref.unet.config.cross_attention_dim)
+    assert max_diff(seen["ref"], seen["ours"]) <= 1e-5
+    assert max_diff(expected, out.images) <= 1e-3
+    assert max_diff(out.images, ours(PROMPT, **kw).images) > 1e-3
 
 
 @pytest.mark.parametrize("custom", [dict(timesteps=[999, 700, 400, 100]), dict(sigmas=[14.0, 5.0, 2.0, 0.5, 0.0])])
