@@ -16,6 +16,7 @@ import torch
 
 from ..core.bounds import CLI_MAX_BATCH_SIZE, CLI_MAX_SIDE, CLI_MAX_STEPS, int_in, is_number
 from ..core.image import read_image
+from ..core.runtime import device_count
 from ..core.schedulers import SCHEDULER_NAMES, scheduler_by_name
 from ..core.tgate import DeepCache, TGate
 from ..core.weights import is_repo_id
@@ -224,12 +225,13 @@ def pick_device(name: str | None) -> torch.device:
         device = None
     if device is None or device.type not in DEVICES:
         raise ValueError(f"--device {name}: supported devices are cpu, cuda and cuda:N")
+    count = device_count(device)
     if device.type == "cpu" and device.index not in (None, 0):
         raise ValueError(f"--device {name}: the CPU is one device, cpu (or cpu:0)")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if count == 0:
         raise ValueError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if (device.index or 0) >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)")
     return device
 
 

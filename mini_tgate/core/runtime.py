@@ -110,13 +110,19 @@ def offload_device(gpu_id: int | None, device) -> torch.device:
     device = torch.device(device)
     if gpu_id is not None:
         device = torch.device(device.type, gpu_id)
-    if device.type != "cpu":
-        backend = getattr(torch, device.type, None)
-        count = backend.device_count() if backend is not None and backend.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise RuntimeError(f"enable_model_cpu_offload(device={str(device)!r}): this machine has no such "
-                               f"device ({count} {device.type} device(s))")
+    count = device_count(device)
+    if (device.index or 0) >= count:
+        raise RuntimeError(f"enable_model_cpu_offload(device={str(device)!r}): this machine has no such "
+                           f"device ({count} {device.type} device(s))")
     return device
+
+
+def device_count(device: torch.device) -> int:
+    """How many devices of this type this machine has (of the CPU: one); device i exists when i < that."""
+    if device.type == "cpu":
+        return 1
+    backend = getattr(torch, device.type, None)
+    return backend.device_count() if backend is not None and backend.is_available() else 0
 
 
 class RuntimeMixin:

@@ -254,8 +254,9 @@ class Img2ImgMixin:
 
     def __call__(self, prompt=None, image=None, strength: float | None = None, **kwargs):
         if image is None:
+            text_to_image = next(c for c in type(self).__mro__ if not issubclass(c, Img2ImgMixin))
             raise ValueError(f"{type(self).__name__} needs image= (the image to start from); for text to image "
-                             f"use {type(self).__mro__[2].__name__}")
+                             f"use {text_to_image.__name__}")
         return super().__call__(prompt, image=image, strength=strength, **kwargs)
 
 
