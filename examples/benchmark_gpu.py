@@ -1,6 +1,7 @@
 """The GPU table: SD-1.5 at 512 px and SDXL at 1024 px, 25 steps, batch 1, real-size models with
-random weights built here; diffusers eager, diffusers + tgate, mini_tgate eager, compiled, and
-compiled with CUDA graphs; plain, TGATE (the paper's gates), DeepCache, TGATE + DeepCache.
+random weights built here; diffusers eager (+ tgate, + DeepCache), mini_tgate eager, compiled, and
+compiled with CUDA graphs (the whole UNet, or its repeated blocks: regional); plain, TGATE (the
+paper's gates), DeepCache, TGATE + DeepCache.
 
     python examples/benchmark_gpu.py --out table.md   # one GPU, about 8 minutes (--budget)
     python examples/benchmark_gpu.py --small --device cpu --budget 60   # checks the script
@@ -118,7 +119,8 @@ def loop_overhead(pipe, kw: dict, device: str, steps: int) -> float:
 
 
 def load(folder: Path, model: str, dtype, engine: str, variant: str, device: str):
-    """One row's pipeline: diffusers (with tgate's loader for the run) or mini_tgate, eager or compiled."""
+    """One row's pipeline: diffusers (with tgate's loader, or DeepCache's helper, for the run) or
+    mini_tgate, eager or compiled."""
     import diffusers
     import tgate
 
@@ -132,25 +134,32 @@ def load(folder: Path, model: str, dtype, engine: str, variant: str, device: str
         if variant == "TGATE + DeepCache":
             loader = tgate.TgateSDXLDeepCacheLoader if xl else tgate.TgateSDDeepCacheLoader
             return loader(pipe, cache_interval=DEEPCACHE.interval, cache_branch_id=DEEPCACHE.branch)
+        if variant == "DeepCache":  # the DeepCache package's own helper
+            from DeepCache import DeepCacheSDHelper
+            helper = DeepCacheSDHelper(pipe=pipe)
+            helper.set_params(cache_interval=DEEPCACHE.interval, cache_branch_id=DEEPCACHE.branch)
+            helper.enable()
         return pipe
     pipe = mini_tgate.load_pipeline(folder, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    mode = {"mini_tgate eager": False, "mini_tgate compiled": None, "mini_tgate CUDA graphs": "reduce-overhead"}[engine]
-    return pipe if mode is False else pipe.compile(mode=mode)
+    mode = {"mini_tgate eager": False, "mini_tgate compiled": None}.get(engine, "reduce-overhead")
+    return pipe if mode is False else pipe.compile(mode=mode, regional=engine.endswith("regional"))
 
 
 def order(models: list[str], device: str) -> list[tuple]:
     """(model, dtype, engine, variant) in order of importance: what the targets need first (diffusers
-    and mini_tgate eager for both models, then SDXL with CUDA graphs, gated runs before plain), then
-    SD-1.5 with CUDA graphs, compiled without them, and bfloat16."""
+    and mini_tgate eager for both models, then SDXL with CUDA graphs, its repeated blocks compiled
+    (regional) before the whole UNet, gated runs before plain), then SD-1.5 with CUDA graphs,
+    compiled without them, and bfloat16."""
     fp16, rows = torch.float16, []
     for model in models:
-        rows += [(model, fp16, "diffusers" + ("" if v == "plain" else " + tgate"), v)
-                 for v in ("plain", "TGATE", "TGATE + DeepCache")]
+        rows += [(model, fp16, "diffusers" + {"plain": "", "DeepCache": " + DeepCache"}.get(v, " + tgate"), v)
+                 for v in ("plain", "TGATE", "TGATE + DeepCache", "DeepCache")]
         rows += [(model, fp16, "mini_tgate eager", v) for v in VARIANTS]
     graphs = ("TGATE + DeepCache", "TGATE", "plain", "DeepCache")
-    if device.startswith("cuda"):
-        rows += [(model, fp16, "mini_tgate CUDA graphs", v) for model in models for v in graphs]
+    if device.startswith("cuda"):  # regional first: it compiles in a fraction of the time
+        rows += [(model, fp16, f"mini_tgate CUDA graphs{how}", v) for model in models
+                 for how in (", regional", "") for v in graphs]
     rows += [(model, fp16, "mini_tgate compiled", v) for model in models for v in graphs]
     rows += [(model, torch.bfloat16, "mini_tgate eager", v) for model in models for v in VARIANTS]
     return rows

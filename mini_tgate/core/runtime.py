@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Self
 
 import torch
@@ -206,6 +207,16 @@ class RuntimeMixin:
     def disable_attention_slicing(self) -> None:
         """Accepted for diffusers scripts; a no-op (see enable_attention_slicing)."""
 
+    def __deepcopy__(self, memo: dict):
+        """copy.deepcopy(pipe): an independent pipeline with its own call lock (a lock cannot be
+        copied), taken between calls so that no half-run call's caches are copied."""
+        copy = object.__new__(type(self))
+        memo[id(self)] = copy
+        with self.exclusive_call():
+            state = {k: v for k, v in vars(self).items() if k not in ("call_lock", "call_owner")}
+            copy.__dict__.update(deepcopy(state, memo), call_lock=threading.Lock(), call_owner=None)
+        return copy
+
     @contextmanager
     def exclusive_call(self):
         """Hold the call lock. The UNet's attention modules hold the TGATE gate and caches, and
@@ -227,12 +238,19 @@ class RuntimeMixin:
         call's `progress=True/False` overrides `disable`."""
         self.progress_bar_config = dict(kwargs)
 
-    def compile(self, mode: str | None = None) -> Self:
+    def compile(self, mode: str | None = None, regional: bool = False) -> Self:
         """torch.compile the hot path in place: the denoiser (fullgraph, channels_last) and the VAE
         decoder. The gate is a Python string per attention module, so a TGATE run compiles one
         graph per distinct (step plan, batch) pair, five for 25 steps of TGate(10, 5, 1, 2) (eight
         with DeepCache(3, 0): full and shallow steps differ), and none again on later calls
         (tests/core/test_compile.py counts them).
+
+        regional=True (diffusers' compile_repeated_blocks): each of the denoiser's repeated blocks
+        (its `repeated_blocks`: transformer blocks and resnets) is compiled on its own and the code
+        around them runs eagerly. Blocks of one shape and gate share a graph, so there are more,
+        smaller graphs and much less to compile: the real SD-1.5 UNet's five TGATE graphs took 234 s
+        to compile on a 2-core CPU, its blocks' 83 s (docs/measurements.md); what that costs in
+        speed is for a GPU to show (examples/benchmark_gpu.py).
 
         CUDA-graph modes ("reduce-overhead", "max-autotune") record each denoiser graph once and
         replay it into the same memory; the caches then live in static buffers (make_static_caches),
@@ -241,13 +259,17 @@ class RuntimeMixin:
         if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"mode must be None, 'default', 'reduce-overhead', 'max-autotune' or "
                              f"'max-autotune-no-cudagraphs' (torch.compile's modes), got {mode!r}")
-        # one graph per (step plan, shape): dynamo's default limit of 8 per function would make a
-        # second image size a hard error under fullgraph
+        if not isinstance(regional, bool):
+            raise TypeError(f"regional must be True or False, got {regional!r:.40}")
+        # one graph per (step plan, shape), or per (block, shape, gate): dynamo's default limit of 8
+        # per function would make a second image size a hard error under fullgraph
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         with self.exclusive_call():
             self.static_caches = mode in ("reduce-overhead", "max-autotune")
             self.denoiser.to(memory_format=torch.channels_last)
-            self.denoiser.compile(fullgraph=True, dynamic=False, mode=mode)
+            kinds = type(self.denoiser).repeated_blocks
+            for part in [m for m in self.denoiser.modules() if isinstance(m, kinds)] if regional else [self.denoiser]:
+                part.compile(fullgraph=True, dynamic=False, mode=mode)
             vae_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
             self.vae.decoder.compile(fullgraph=True, dynamic=False, mode=vae_mode)
         return self

@@ -243,13 +243,13 @@ class MidBlock(nn.Module):
 
 class UNet2DConditionModel(PretrainedMixin, nn.Module):
     config_class = UNetConfig
+    repeated_blocks = (BasicTransformerBlock, ResnetBlock2D)  # what compile(regional=True) compiles
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        ch = list(cfg.block_out_channels)
+        ch, heads = list(cfg.block_out_channels), cfg.heads()
         n = len(ch)
-        heads = cfg.heads()
         context_dims = cfg.per_block(cfg.cross_attention_dim)
         layers = cfg.per_block(cfg.layers_per_block)
         tlayers = cfg.per_block(cfg.transformer_layers_per_block)

@@ -159,6 +159,7 @@ class PixArtBlock(nn.Module):
 
 class PixArtTransformer2DModel(PretrainedMixin, nn.Module):
     config_class = PixArtTransformerConfig
+    repeated_blocks = (PixArtBlock,)  # what compile(regional=True) compiles
 
     def __init__(self, config: PixArtTransformerConfig):
         super().__init__()

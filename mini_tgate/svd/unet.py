@@ -205,6 +205,8 @@ class MidBlock(nn.Module):
 
 class UNetSpatioTemporalConditionModel(PretrainedMixin, nn.Module):
     config_class = UNetSpatioTemporalConfig
+    # what compile(regional=True) compiles: spatial and temporal transformer blocks (a subclass), both resnets
+    repeated_blocks = (BasicTransformerBlock, ResnetBlock2D, TemporalResnetBlock)
 
     def __init__(self, config: UNetSpatioTemporalConfig):
         super().__init__()

@@ -17,8 +17,10 @@ every part the graph goes through.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from test_deepcache import max_diff, noise, pipes  # noqa: F401  (pipes: the module's fixture)
 from test_unet import TINY, unet_inputs
 from torch._dynamo.utils import counters
 
@@ -26,7 +28,7 @@ from mini_tgate.core.config import UNetConfig, VAEConfig
 from mini_tgate.core.runtime import make_static_caches
 from mini_tgate.core.schedulers import EulerDiscreteScheduler
 from mini_tgate.core.tgate import DeepCache, TGate, plan
-from mini_tgate.core.unet import UNet2DConditionModel
+from mini_tgate.core.unet import BasicTransformerBlock, ResnetBlock2D, UNet2DConditionModel
 from mini_tgate.core.vae import AutoencoderKL
 
 # test_unet's tiny configs with one resnet per block: still a downsample, an upsample, skips of
@@ -199,3 +201,29 @@ def test_vae_decoder_compiles_one_graph_per_batch_size():
     assert graphs() == 2
     assert (got - expected).abs().max() / expected.abs().max() <= TOL
     assert (sliced - expected_sliced).abs().max() / expected_sliced.abs().max() <= TOL
+
+
+def test_regional_compile_compiles_the_repeated_blocks(pipes):
+    """pipe.compile(mode="reduce-overhead", regional=True), as a user calls it (on the CPU inductor
+    leaves out the CUDA graphs, not the static caches): each transformer block and resnet compiled
+    on its own, the UNet around them eager. A TGATE + DeepCache run gives the eager images, and a
+    rerun compiles nothing."""
+    _, _, ours = pipes
+    pipe = copy.deepcopy(ours)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile(mode="reduce-overhead", regional=True)
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, (BasicTransformerBlock, ResnetBlock2D))]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert pipe.unet._compiled_call_impl is None and pipe.static_caches
+    assert not ours.static_caches and all(m._compiled_call_impl is None for m in ours.unet.modules())  # a copy
+    kw = dict(prompt="a red circle", num_inference_steps=8, guidance_scale=7.5, latents=noise(),
+              tgate=TGate(4, 2, 1, 1), deepcache=DeepCache(3, 0))
+    expected = ours(**kw).images
+    got = pipe(**kw).images
+    compiled = graphs()
+    assert compiled > 1
+    assert np.array_equal(pipe(**kw).images, got) and graphs() == compiled  # nothing compiled again
+    assert max_diff(got, expected) <= 1e-5
+    with pytest.raises(TypeError, match="regional must be True or False"):
+        pipe.compile(regional=1)

@@ -86,9 +86,11 @@ def test_buffers_are_made_once_per_shape_and_dropped_for_a_plain_call(pipes, mon
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graphs_with_tgate_and_deepcache(pipes):
-    """compile(mode="reduce-overhead") on a GPU: TGATE + DeepCache images equal the eager ones
-    within half-precision tolerance, and a second call compiles nothing."""
+@pytest.mark.parametrize("regional", [False, True])
+def test_cuda_graphs_with_tgate_and_deepcache(pipes, regional):
+    """compile(mode="reduce-overhead") on a GPU, of the whole denoiser or of its repeated blocks:
+    TGATE + DeepCache images equal the eager ones within half-precision tolerance, and a second
+    call compiles nothing."""
     from torch._dynamo.utils import counters
 
     _, _, base = pipes
@@ -96,7 +98,7 @@ def test_cuda_graphs_with_tgate_and_deepcache(pipes):
     compiled = copy.deepcopy(eager)
     torch._dynamo.reset()
     counters.clear()
-    compiled.compile(mode="reduce-overhead")
+    compiled.compile(mode="reduce-overhead", regional=regional)
     kw = dict(num_inference_steps=12, guidance_scale=7.5, latents=noise().cuda().half(), tgate=TGate(5, 2, 1, 1),
               deepcache=DeepCache(3, 0))
     expected = eager(PROMPT, **kw).images
