@@ -218,3 +218,16 @@ def test_static_caches_match_tgate(checkpoints, ours):
         pipe.static_caches = False
     np.testing.assert_allclose(static[0], expected, atol=1e-3, rtol=0)
     assert np.array_equal(static[0], usual) and np.array_equal(static[1], usual)
+
+
+def test_regional_compile(ours):
+    """compile(regional=True) on PixArt: its transformer blocks compiled each on its own (inductor,
+    as a user calls it); a gated run gives the eager image."""
+    import copy
+    tgate = TGate(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
+    kw = dict(prompt=PROMPTS[:1], num_inference_steps=5, guidance_scale=4.5, height=128, width=128,
+              use_resolution_binning=False, latents=noise(1, 128, 128), tgate=tgate)
+    pipe = copy.deepcopy(ours["alpha"]).compile(regional=True)
+    assert all(m._compiled_call_impl is not None for m in pipe.transformer.transformer_blocks)
+    assert pipe.transformer._compiled_call_impl is None
+    np.testing.assert_allclose(pipe(**kw).images, ours["alpha"](**kw).images, atol=1e-5, rtol=0)

@@ -265,3 +265,21 @@ def test_static_caches_match_tgate(ours, ref):
         ours.static_caches = False
     assert error(got.frames, expected) <= TOL, error(got.frames, expected)
     assert np.array_equal(got.frames, usual.frames)
+
+
+def test_regional_compile(ours):
+    """compile(regional=True) on SVD: its spatial and temporal blocks and resnets compiled each on
+    its own (inductor, as a user calls it; its 3-D convolutions are left out of channels_last,
+    which refused them before), giving the eager frames. Plain: the gates are the UNet's and
+    PixArt's regional tests' (each gate is one more graph per block, seconds each here)."""
+    from mini_tgate.core.unet import BasicTransformerBlock, ResnetBlock2D
+    from mini_tgate.svd.unet import TemporalResnetBlock
+
+    pipe = copy.deepcopy(ours).compile(regional=True)
+    kinds = (BasicTransformerBlock, ResnetBlock2D, TemporalResnetBlock)
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, kinds)]
+    assert {type(m).__name__ for m in blocks} == {"BasicTransformerBlock", "TemporalBasicTransformerBlock",
+                                                   "ResnetBlock2D", "TemporalResnetBlock"}
+    assert all(m._compiled_call_impl is not None for m in blocks) and pipe.unet._compiled_call_impl is None
+    image = picture(seed=3)
+    assert error(pipe(image, generator=gen(), **RUN).frames, ours(image, generator=gen(), **RUN).frames) <= 1e-5
