@@ -6,15 +6,16 @@ paper's gates), DeepCache, TGATE + DeepCache.
     python examples/benchmark_gpu.py --out table.md   # one GPU, about 8 minutes (--budget)
     python examples/benchmark_gpu.py --small --device cpu --budget 60   # checks the script
 
-Rows run in order of importance (`order()`: diffusers and mini_tgate eager for both models, then
-SDXL with CUDA graphs, gated runs first, then the rest) until --budget seconds have passed; the
-rest are listed as skipped. Each row is printed (and written to --out) as soon as it is measured,
-so a run stopped early keeps what it measured. Each time is the median of --repeats calls after
-one warm-up (which compiles), output_type "latent": prompt encoding and denoising, no VAE decode.
-The table gives with each: the speed-up over the same engine's plain run, the MAC prediction of
-that speed-up, the fraction of the GPU's float16 matmul rate (measured in the same run) the
-denoiser reaches; then the issue's targets as measured. The loop's host time per step around a
-no-op denoiser is printed once per model. Needs the test extra (diffusers, tgate).
+Rows run in order of importance (`order()`: diffusers, diffusers + tgate and mini_tgate eager for
+both models, then CUDA graphs of the repeated blocks, then the rest) until --budget seconds have
+passed; the rest are listed as skipped. Each row is printed (and written to --out) as soon as it
+is measured, so a run stopped early keeps what it measured. Each time is the median of --repeats
+calls after one warm-up (which compiles; its seconds are printed too), output_type "latent":
+prompt encoding and denoising, no VAE decode. The table gives with each: the speed-up over the
+same engine's plain run, the MAC prediction of that speed-up, the fraction of the GPU's float16
+matmul rate (measured in the same run) the denoiser reaches; then the issue's targets as
+measured. The loop's host time per step around a no-op denoiser is printed once per model.
+Needs the test extra (diffusers, tgate, DeepCache).
 """
 
 from __future__ import annotations
@@ -147,21 +148,21 @@ def load(folder: Path, model: str, dtype, engine: str, variant: str, device: str
 
 
 def order(models: list[str], device: str) -> list[tuple]:
-    """(model, dtype, engine, variant) in order of importance: what the targets need first (diffusers
-    and mini_tgate eager for both models, then SDXL with CUDA graphs, its repeated blocks compiled
-    (regional) before the whole UNet, gated runs before plain), then SD-1.5 with CUDA graphs,
-    compiled without them, and bfloat16."""
-    fp16, rows = torch.float16, []
+    """(model, dtype, engine, variant) in order of importance, rows of one pipeline together: first
+    what the targets need (the speed-ups of every run, eager, and diffusers + tgate against the
+    fastest engine: CUDA graphs of the repeated blocks, quickest to compile), then the rest."""
+    fp16, bf16, rows = torch.float16, torch.bfloat16, []
+    graphs = ("TGATE + DeepCache", "TGATE", "plain") if device.startswith("cuda") else ()
     for model in models:
-        rows += [(model, fp16, "diffusers" + {"plain": "", "DeepCache": " + DeepCache"}.get(v, " + tgate"), v)
-                 for v in ("plain", "TGATE", "TGATE + DeepCache", "DeepCache")]
+        rows += [(model, fp16, "diffusers", "plain"), (model, fp16, "diffusers + tgate", "TGATE")]
         rows += [(model, fp16, "mini_tgate eager", v) for v in VARIANTS]
-    graphs = ("TGATE + DeepCache", "TGATE", "plain", "DeepCache")
-    if device.startswith("cuda"):  # regional first: it compiles in a fraction of the time
-        rows += [(model, fp16, f"mini_tgate CUDA graphs{how}", v) for model in models
-                 for how in (", regional", "") for v in graphs]
-    rows += [(model, fp16, "mini_tgate compiled", v) for model in models for v in graphs]
-    rows += [(model, torch.bfloat16, "mini_tgate eager", v) for model in models for v in VARIANTS]
+    rows += [(model, fp16, "mini_tgate CUDA graphs, regional", v) for model in models for v in graphs]
+    for model in models:
+        rows += [(model, fp16, "diffusers + tgate", "TGATE + DeepCache"), (model, fp16, "diffusers + DeepCache", "DeepCache")]
+        if graphs:
+            rows += [(model, fp16, "mini_tgate CUDA graphs", v) for v in (*graphs, "DeepCache")]
+        rows += [(model, fp16, "mini_tgate compiled", v) for v in ("TGATE + DeepCache", "TGATE", "plain", "DeepCache")]
+        rows += [(model, bf16, "mini_tgate eager", v) for v in VARIANTS]
     return rows
 
 

@@ -29,9 +29,9 @@ run)
     python3 -c "import torch, diffusers, transformers, tgate; print(torch.__version__, diffusers.__version__, \
 transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/versions.txt"
     # the benchmark first (its rows are the issue's table), then the CUDA-only tests; about 9 minutes
-    timeout 330 python3 examples/benchmark_gpu.py --budget 240 --out "$OUT/table.md" 2>&1 \
+    timeout 380 python3 examples/benchmark_gpu.py --budget 300 --out "$OUT/table.md" 2>&1 \
         | grep -v "it/s\]" > "$OUT/benchmark.log"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -k "cuda_graphs and not sdxl or on_the_gpu" \
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -k "cuda_graphs and not sdxl or on_the_gpu" \
         tests/core/test_static_caches.py tests/stable_diffusion/test_pipeline_habits.py 2>&1 | tee "$OUT/cuda_tests.log"
     tail -n 60 "$OUT/benchmark.log"
     ;;
