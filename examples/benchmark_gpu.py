@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -147,6 +148,25 @@ def load(folder: Path, model: str, dtype, engine: str, variant: str, device: str
     return pipe if mode is False else pipe.compile(mode=mode, regional=engine.endswith("regional"))
 
 
+def measure(pipe, model: str, dtype, engine: str, variant: str, size: int, steps: int, device: str,
+            repeats: int) -> dict:
+    """One row: seconds per image of `pipe` for the run `variant`, with its MACs and the plain run's."""
+    gate, dc = VARIANTS[variant]
+    gate, dc = GATES[model] if gate else None, DEEPCACHE if dc else None
+    latents = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=steps, height=size, width=size, latents=latents.to(device, dtype),
+              output_type="latent")
+    if engine.startswith("diffusers"):
+        tg = {} if gate is None else dict(gate_step=gate.gate_step, sp_interval=gate.sp_interval,
+                                           fi_interval=gate.fi_interval, warm_up=gate.warm_up)
+        run = (lambda: pipe.tgate(PROMPT, **kw, **tg)) if gate else (lambda: pipe(PROMPT, **kw))
+    else:
+        run = lambda: pipe(PROMPT, tgate=gate, deepcache=dc, **kw)  # noqa: E731
+    return dict(model=model, dtype=dtype, engine=engine, variant=variant, seconds=seconds(run, repeats, device),
+                macs=count_macs(model, size, size, steps, 7.5, gate, deepcache=dc)["unet_macs"],
+                plain_macs=count_macs(model, size, size, steps, 7.5, None)["unet_macs"])
+
+
 def order(models: list[str], device: str) -> list[tuple]:
     """(model, dtype, engine, variant) in order of importance, rows of one pipeline together: first
     what the targets need (the speed-ups of every run, eager, and diffusers + tgate against the
@@ -232,33 +252,29 @@ def main():
         return held[key]
 
 
+    broken = set()  # (model, dtype, engine) whose pipeline failed: its other rows are not tried
     for model, dtype, engine, variant in order(models, device):
-        if time.perf_counter() - start > args.budget:
-            skipped.append(f"{model} {str(dtype)[6:]} {engine} {variant}")
+        name = f"{model} {str(dtype)[6:]} {engine} {variant}"
+        if time.perf_counter() - start > args.budget or (model, dtype, engine) in broken:
+            skipped.append(name + (" (its engine failed)" if (model, dtype, engine) in broken else " (budget)"))
             continue
-        pipe = pipeline(model, dtype, engine, variant)
-        gate, dc = VARIANTS[variant]
-        gate, dc = GATES[model] if gate else None, DEEPCACHE if dc else None
-        latents = torch.randn(1, 4, size[model] // 8, size[model] // 8, generator=torch.Generator().manual_seed(0))
-        kw = dict(num_inference_steps=steps, height=size[model], width=size[model],
-                  latents=latents.to(device, dtype), output_type="latent")
-        if engine.startswith("diffusers"):
-            tg = {} if gate is None else dict(gate_step=gate.gate_step, sp_interval=gate.sp_interval,
-                                               fi_interval=gate.fi_interval, warm_up=gate.warm_up)
-            run = (lambda: pipe.tgate(PROMPT, **kw, **tg)) if gate else (lambda: pipe(PROMPT, **kw))
-        else:
-            run = lambda: pipe(PROMPT, tgate=gate, deepcache=dc, **kw)  # noqa: E731
         began = time.perf_counter()
-        r = dict(model=model, dtype=dtype, engine=engine, variant=variant, seconds=seconds(run, args.repeats, device),
-                 macs=count_macs(model, size[model], size[model], steps, 7.5, gate, deepcache=dc)["unet_macs"],
-                 plain_macs=count_macs(model, size[model], size[model], steps, 7.5, None)["unet_macs"])
+        try:
+            r = measure(pipeline(model, dtype, engine, variant), model, dtype, engine, variant, size[model], steps,
+                        device, args.repeats)
+        except Exception as e:  # one engine failing (a compile, a CUDA graph) must not cost the other rows
+            traceback.print_exc()
+            say(f"row failed: {name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            broken.add((model, dtype, engine))
+            held.clear()
+            continue
         done.append(r)
-        say(f"row: {model} {str(dtype)[6:]} {engine} {variant}: {r['seconds']:.3f} s / image "
-            f"({time.perf_counter() - began:.0f} s with warm-up and compiling; {time.perf_counter() - start:.0f} s so far)")
+        say(f"row: {name}: {r['seconds']:.3f} s / image ({time.perf_counter() - began:.0f} s with warm-up and "
+            f"compiling; {time.perf_counter() - start:.0f} s so far)")
     held.clear()
     say("\n" + report(done, rate))
     for s in skipped:
-        say(f"skipped (budget): {s}")
+        say(f"skipped: {s}")
     say(f"\n{time.perf_counter() - start:.0f} s in all")
 
 
