@@ -27,6 +27,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def quick_inductor():
+    """Inductor on the CPU as every test of this process runs it: one thread (at these sizes more
+    only add OpenMP barriers, which stall for seconds on a busy machine; inductor's C++ kernels
+    read the thread count when they are compiled) and no SIMD (kernels compile a third faster;
+    the graphs and guards are the same). The same settings in every test: inductor keeps what it
+    picked for the process, and a kernel written for SIMD after a compile without it failed to
+    build ("at::vec has not been declared")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+    torch.set_num_threads(threads)
+
+
 def realign(*models):
     """Copy every parameter and buffer of reference models into a fresh allocation, in place.
 

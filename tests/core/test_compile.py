@@ -43,15 +43,9 @@ TOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def small_and_quick():
-    """One thread: at these sizes more threads only add OpenMP barriers, which stall for seconds
-    on a busy machine (inductor's C++ kernels read the thread count when they are compiled). No
-    SIMD in those kernels: they compile a third faster, and the graphs and guards are the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
-        yield
-    torch.set_num_threads(threads)
+def small_and_quick(quick_inductor):
+    """Every test here compiles: conftest's quick_inductor settings."""
+    yield
 
 
 def small_unet(name):

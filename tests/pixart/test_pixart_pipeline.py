@@ -220,7 +220,7 @@ def test_static_caches_match_tgate(checkpoints, ours):
     assert np.array_equal(static[0], usual) and np.array_equal(static[1], usual)
 
 
-def test_regional_compile(ours):
+def test_regional_compile(ours, quick_inductor):
     """compile(regional=True) on PixArt: its transformer blocks compiled each on its own (inductor,
     as a user calls it); a gated run gives the eager image."""
     import copy

@@ -267,7 +267,7 @@ def test_static_caches_match_tgate(ours, ref):
     assert np.array_equal(got.frames, usual.frames)
 
 
-def test_regional_compile(ours):
+def test_regional_compile(ours, quick_inductor):
     """compile(regional=True) on SVD: its spatial and temporal blocks and resnets compiled each on
     its own (inductor, as a user calls it; its 3-D convolutions are left out of channels_last,
     which refused them before), giving the eager frames. Plain: the gates are the UNet's and
