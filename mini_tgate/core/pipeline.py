@@ -313,7 +313,7 @@ class LoopState:
     uncond: dict | None    # of the negative prompts, with CFG
 
     def tensors(self, names: list[str], guided: bool) -> dict:
-        """What a step callback sees: those of CALLBACK_TENSOR_INPUTS (and SDXL's) it names. With
+        """What a step callback sees: those of inputs.CALLBACK_TENSOR_INPUTS (and SDXL's) it names. With
         CFG on (guided), as in diffusers, the prompts' conditioning comes stacked after the negative
         prompts': [negative, prompt] along the batch."""
         both = guided and self.uncond is not None
@@ -330,17 +330,17 @@ class LoopState:
         self.latents = out.get("latents", self.latents)
         if "negative_prompt_embeds" in out and self.uncond is not None:
             self.uncond = {**self.uncond, "encoder_hidden_states": out["negative_prompt_embeds"]}
-        batch = self.latents.shape[0]
+        batch, both = self.latents.shape[0], guided and self.uncond is not None
         for name, path in CONDITIONING.items():
             if name not in out or conditioning(self.cond, path) is None:
                 continue
             x = out[name]
-            if guided and self.uncond is not None and x.shape[0] == 2 * batch:
+            if both and x.shape[0] == 2 * batch:
                 uncond, x = x.chunk(2)
                 self.uncond = with_conditioning(self.uncond, path, uncond)
             elif x.shape[0] != batch:
                 raise ValueError(f"a step callback returned {name} of batch {x.shape[0]}: expected {batch} (the "
-                                 f"prompts')" + (f" or {2 * batch} ([negative, prompt])" if guided else ""))
+                                 f"prompts')" + (f" or {2 * batch} ([negative, prompt])" if both else ""))
             self.cond = with_conditioning(self.cond, path, x)
 
 
