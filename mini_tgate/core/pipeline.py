@@ -190,7 +190,7 @@ class DiffusionPipeline(RuntimeMixin):
                 if bar is not None:
                     bar.update()
                 if c.callback is not None:  # diffusers' callback_on_step_end; what it returns replaces ours
-                    guided = not (is_number(c.guidance_scale) and c.guidance_scale <= 1)
+                    guided = guidance_on(c.guidance_scale)
                     state.replace(c.callback(self, i, t, state.tensors(c.callback_inputs, guided)) or {}, guided)
                     c.guidance_scale = dynamic_guidance(self._guidance_scale, c.guidance_scale)
                 if self._interrupt:  # diffusers' clean early stop: decode what there is
@@ -376,7 +376,7 @@ def denoising_loop(c: Call, state: LoopState, steps: list, checks: FiniteChecks,
         latents, cond, uncond = state.latents, state.cond, state.uncond
         # a step callback may have turned guidance off (pipe._guidance_scale <= 1): diffusers then
         # runs the conditional branch alone; with a gate or DeepCache the batch stays doubled
-        guided = not (is_number(c.guidance_scale) and c.guidance_scale <= 1)
+        guided = guidance_on(c.guidance_scale)
         doubled = step.cfg and (guided or caching)
         if doubled:  # (2B, C, h, w): [unconditional, conditional]
             x, kw = torch.cat([latents, latents]), batch_cat(uncond, cond)
@@ -439,6 +439,12 @@ class FiniteChecks:
             f"the {scheduler} step {i} produced NaN or inf" + (f" (eta={c.eta})" if scheduler == "DDIMScheduler"
                                                                 else "") + hint,
         )[stage])
+
+
+def guidance_on(scale) -> bool:
+    """Whether guidance is on: a scale above 1, or a tensor (SVD's per frame). A step callback may
+    set it to 1 or below (diffusers' dynamic CFG): the conditional branch then runs alone."""
+    return not (is_number(scale) and scale <= 1)
 
 
 def dynamic_guidance(set_scale, scale):
