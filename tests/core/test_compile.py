@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_deepcache import max_diff, noise, pipes  # noqa: F401  (pipes: the module's fixture)
 from test_unet import TINY, unet_inputs
+from tgate import TgateSDDeepCacheLoader, TgateSDXLDeepCacheLoader
 from torch._dynamo.utils import counters
 
 from mini_tgate.core.config import UNetConfig, VAEConfig
@@ -201,8 +202,8 @@ def test_regional_compile_compiles_the_repeated_blocks(pipes):
     """pipe.compile(mode="reduce-overhead", regional=True), as a user calls it (on the CPU inductor
     leaves out the CUDA graphs, not the static caches): each transformer block and resnet compiled
     on its own, the UNet around them eager. A TGATE + DeepCache run gives the eager images, and a
-    rerun compiles nothing."""
-    _, _, ours = pipes
+    rerun compiles nothing; the image is tgate's TGATE + DeepCache loader's."""
+    name, base, ours = pipes
     pipe = copy.deepcopy(ours)
     torch._dynamo.reset()
     counters.clear()
@@ -214,10 +215,14 @@ def test_regional_compile_compiles_the_repeated_blocks(pipes):
     kw = dict(prompt="a red circle", num_inference_steps=8, guidance_scale=7.5, latents=noise(),
               tgate=TGate(4, 2, 1, 1), deepcache=DeepCache(3, 0))
     expected = ours(**kw).images
+    loader = TgateSDXLDeepCacheLoader if name == "sdxl" else TgateSDDeepCacheLoader
+    reference = loader(copy.deepcopy(base), cache_interval=3, cache_branch_id=0).tgate(
+        output_type="np", gate_step=4, sp_interval=2, fi_interval=1, warm_up=1,
+        **{k: v for k, v in kw.items() if k not in ("tgate", "deepcache")}).images
     got = pipe(**kw).images
     compiled = graphs()
     assert compiled > 1
     assert np.array_equal(pipe(**kw).images, got) and graphs() == compiled  # nothing compiled again
-    assert max_diff(got, expected) <= 1e-5
+    assert max_diff(got, expected) <= 1e-5 and max_diff(got, reference) <= 1e-3  # the tolerance of test_static_caches
     with pytest.raises(TypeError, match="regional must be True or False"):
         pipe.compile(regional=1)
