@@ -220,9 +220,9 @@ def test_static_caches_match_tgate(checkpoints, ours):
     assert np.array_equal(static[0], usual) and np.array_equal(static[1], usual)
 
 
-def test_regional_compile(ours, quick_inductor):
+def test_regional_compile(checkpoints, ours, quick_inductor):
     """compile(regional=True) on PixArt: its transformer blocks compiled each on its own (inductor,
-    as a user calls it); a gated run gives the eager image."""
+    as a user calls it); a gated run gives the eager image, and tgate's."""
     import copy
     tgate = TGate(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
     kw = dict(prompt=PROMPTS[:1], num_inference_steps=5, guidance_scale=4.5, height=128, width=128,
@@ -230,4 +230,7 @@ def test_regional_compile(ours, quick_inductor):
     pipe = copy.deepcopy(ours["alpha"]).compile(regional=True)
     assert all(m._compiled_call_impl is not None for m in pipe.transformer.transformer_blocks)
     assert pipe.transformer._compiled_call_impl is None
-    np.testing.assert_allclose(pipe(**kw).images, ours["alpha"](**kw).images, atol=1e-5, rtol=0)
+    got = pipe(**kw).images
+    np.testing.assert_allclose(got, ours["alpha"](**kw).images, atol=1e-5, rtol=0)
+    expected = reference("alpha", checkpoints["alpha"][1], tgate, **{k: v for k, v in kw.items() if k != "tgate"})
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)  # test_matches_diffusers_and_tgate's tolerance

@@ -267,10 +267,10 @@ def test_static_caches_match_tgate(ours, ref):
     assert np.array_equal(got.frames, usual.frames)
 
 
-def test_regional_compile(ours, quick_inductor):
+def test_regional_compile(ours, ref, quick_inductor):
     """compile(regional=True) on SVD: its spatial and temporal blocks and resnets compiled each on
     its own (inductor, as a user calls it; its 3-D convolutions are left out of channels_last,
-    which refused them before), giving the eager frames. Plain: the gates are the UNet's and
+    which refused them before), giving the eager frames and diffusers'. Plain: the gates are the UNet's and
     PixArt's regional tests' (each gate is one more graph per block, seconds each here)."""
     from mini_tgate.core.unet import BasicTransformerBlock, ResnetBlock2D
     from mini_tgate.svd.unet import TemporalResnetBlock
@@ -281,5 +281,7 @@ def test_regional_compile(ours, quick_inductor):
     assert {type(m).__name__ for m in blocks} == {"BasicTransformerBlock", "TemporalBasicTransformerBlock",
                                                    "ResnetBlock2D", "TemporalResnetBlock"}
     assert all(m._compiled_call_impl is not None for m in blocks) and pipe.unet._compiled_call_impl is None
-    image = picture(seed=3)
-    assert error(pipe(image, generator=gen(), **RUN).frames, ours(image, generator=gen(), **RUN).frames) <= 1e-5
+    image = Image.fromarray(picture(seed=3))  # diffusers takes PIL images, not arrays
+    got = pipe(image, generator=gen(), **RUN).frames
+    assert error(got, ours(image, generator=gen(), **RUN).frames) <= 1e-5
+    assert error(got, ref(image, generator=gen(), **RUN).frames) <= TOL  # test_plain_matches_diffusers' tolerance
